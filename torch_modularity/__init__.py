@@ -1,0 +1,18 @@
+"""torch_modularity: measure and shape the modularity (spectral clusterability) of PyTorch networks."""
+from .graph import WeightGraph
+from .measure import ClusterabilityResult, clusterability
+from .shuffle import SHUFFLE_METHODS, shuffle_weights
+from .spectral import ncut, spectral_clustering, spectral_embedding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "WeightGraph",
+    "ClusterabilityResult",
+    "clusterability",
+    "ncut",
+    "spectral_clustering",
+    "spectral_embedding",
+    "shuffle_weights",
+    "SHUFFLE_METHODS",
+]

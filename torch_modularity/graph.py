@@ -1,0 +1,419 @@
+"""The weight graph of a network: nodes are units (or channels), edges are |weights|.
+
+The graph is stored as per-layer blocks, never as an N x N matrix: node layer ``l`` has
+``layer_sizes[l]`` nodes, and each edge block ``(src, dst, W)`` holds a non-negative
+``(layer_sizes[dst], layer_sizes[src])`` matrix in torch layout (rows are the receiving
+units). A plain MLP is the chain ``(0, 1), (1, 2), ...``; the block list is general enough
+for skip connections and channel graphs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+__all__ = ["WeightGraph", "EdgeBlock"]
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+# Parameter-free modules that do not change which unit feeds which: they can sit between
+# two Linear layers of a chain without adding nodes or edges.
+_PASSTHROUGH = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Softmax, nn.LogSoftmax,
+    nn.Dropout, nn.AlphaDropout, nn.Identity, nn.Flatten,
+)
+
+
+@dataclass(frozen=True)
+class EdgeBlock:
+    """One block of edges: ``weight[j, i]`` links unit ``i`` of layer ``src`` to unit ``j`` of ``dst``."""
+
+    src: int
+    dst: int
+    weight: torch.Tensor
+
+
+def _as_tensor(w: ArrayLike, name: str) -> torch.Tensor:
+    if isinstance(w, np.ndarray):
+        w = torch.from_numpy(np.ascontiguousarray(w))
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(w).__name__}")
+    w = w.detach()
+    if not (w.is_floating_point() or w.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{name}: weights must be real numbers, got dtype {w.dtype}")
+    if w.dtype in (torch.float16, torch.bfloat16) or not w.is_floating_point():
+        # Half precision would lose small edges when degrees are summed; compute in float32.
+        w = w.float()
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{name} has {bad} non-finite (NaN/Inf) weights; fix or mask them before measuring")
+    return w
+
+
+class WeightGraph:
+    """Undirected weighted graph of a network's units, kept as per-layer |W| blocks.
+
+    Nodes are ordered layer by layer (input layer first); the id of unit ``i`` of layer
+    ``l`` is ``layer_offsets[l] + i``. Edge weights are absolute values of the weights.
+
+    Example:
+        >>> import torch
+        >>> g = WeightGraph.from_weights([torch.ones(3, 4), torch.ones(2, 3)])
+        >>> g.num_nodes, g.layer_sizes
+        (9, (4, 3, 2))
+        >>> g.adjacency().shape
+        (9, 9)
+
+    Args:
+        layer_sizes: number of nodes in each node layer.
+        blocks: edge blocks ``(src, dst, weight)`` with ``weight`` of shape
+            ``(layer_sizes[dst], layer_sizes[src])``; absolute values are taken.
+        layer_names: one name per node layer (defaults to ``layer0``, ``layer1``, ...).
+        unit_index: for each layer, the original unit index of each node (used after
+            nodes were removed, so that :meth:`node_info` still names the right unit).
+    """
+
+    def __init__(
+        self,
+        layer_sizes: Sequence[int],
+        blocks: Iterable[Union[EdgeBlock, Tuple[int, int, ArrayLike]]],
+        layer_names: Optional[Sequence[str]] = None,
+        unit_index: Optional[Sequence[np.ndarray]] = None,
+    ) -> None:
+        sizes = tuple(int(s) for s in layer_sizes)
+        if len(sizes) == 0:
+            raise ValueError("a WeightGraph needs at least one node layer")
+        if any(s < 0 for s in sizes):
+            raise ValueError(f"layer sizes must be non-negative, got {sizes}")
+        names = tuple(layer_names) if layer_names is not None else tuple(f"layer{i}" for i in range(len(sizes)))
+        if len(names) != len(sizes):
+            raise ValueError(f"got {len(names)} layer names for {len(sizes)} layers")
+        checked: List[EdgeBlock] = []
+        for b in blocks:
+            src, dst, w = (b.src, b.dst, b.weight) if isinstance(b, EdgeBlock) else b
+            src, dst = int(src), int(dst)
+            if not (0 <= src < len(sizes) and 0 <= dst < len(sizes)) or src == dst:
+                raise ValueError(f"edge block ({src}, {dst}) must join two different layers in 0..{len(sizes) - 1}")
+            w = _as_tensor(w, f"weights of block {names[src]} -> {names[dst]}")
+            if w.dim() != 2 or tuple(w.shape) != (sizes[dst], sizes[src]):
+                raise ValueError(
+                    f"block {names[src]} -> {names[dst]} has shape {tuple(w.shape)}, expected "
+                    f"({sizes[dst]}, {sizes[src]}) = (units of {names[dst]}, units of {names[src]})"
+                )
+            checked.append(EdgeBlock(src, dst, w.abs()))
+        self._sizes = sizes
+        self._names = names
+        self._blocks = tuple(checked)
+        if unit_index is None:
+            unit_index = [np.arange(s) for s in sizes]
+        self._unit_index = tuple(np.asarray(u, dtype=np.int64) for u in unit_index)
+        if [len(u) for u in self._unit_index] != list(sizes):
+            raise ValueError("unit_index must give one original index per node")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_weights(cls, weights: Sequence[ArrayLike], layer_names: Optional[Sequence[str]] = None) -> "WeightGraph":
+        """Chain graph from weight matrices in torch layout ``(out_features, in_features)``.
+
+        Example:
+            >>> g = WeightGraph.from_weights([torch.randn(16, 8), torch.randn(4, 16)])
+            >>> g.layer_sizes
+            (8, 16, 4)
+
+        Args:
+            weights: 2-D tensors or arrays; ``weights[l].shape[1]`` must equal
+                ``weights[l-1].shape[0]``.
+            layer_names: optional names of the ``len(weights) + 1`` node layers.
+
+        Returns:
+            The graph with the input layer, every hidden layer and the output layer as nodes.
+        """
+        weights = list(weights)
+        if not weights:
+            raise ValueError("no weight matrices given: a graph needs at least one layer of weights")
+        tensors = []
+        for i, w in enumerate(weights):
+            t = _as_tensor(w, f"weights[{i}]")
+            if t.dim() != 2:
+                raise ValueError(f"weights[{i}] has shape {tuple(t.shape)}; expected a 2-D (out_features, in_features) matrix")
+            if i and t.shape[1] != tensors[-1].shape[0]:
+                raise ValueError(
+                    f"shapes do not chain: weights[{i - 1}] has {tensors[-1].shape[0]} outputs but weights[{i}] "
+                    f"has {t.shape[1]} inputs (torch layout is (out_features, in_features))"
+                )
+            tensors.append(t)
+        sizes = [tensors[0].shape[1]] + [t.shape[0] for t in tensors]
+        blocks = [(i, i + 1, t) for i, t in enumerate(tensors)]
+        return cls(sizes, blocks, layer_names=layer_names)
+
+    @classmethod
+    def from_module(cls, model: nn.Module) -> "WeightGraph":
+        """Chain graph of the ``nn.Linear`` layers of a model, in registration order.
+
+        Activations, dropout, ``Flatten`` and ``Identity`` may sit between the Linear layers.
+        Biases are not part of the graph. Pruning masks (``torch.nn.utils.prune``) are
+        respected, since the masked ``weight`` is read.
+
+        Example:
+            >>> mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+            >>> WeightGraph.from_module(mlp).layer_sizes
+            (784, 64, 10)
+
+        Args:
+            model: an ``nn.Sequential``-like chain of Linear layers.
+
+        Returns:
+            The graph; node layers are named ``input`` and then after each Linear's module path.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+        weights, names = [], ["input"]
+        for path, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                weights.append(module.weight)
+                names.append(path or "model")
+                continue
+            own_params = list(module.parameters(recurse=False))
+            children = list(module.children())
+            if children and not own_params:
+                continue  # a container: its children are visited in turn
+            if isinstance(module, _PASSTHROUGH) and not own_params:
+                continue
+            if isinstance(module, nn.PReLU):
+                continue
+            supported = "nn.Linear with activations, Dropout, Flatten or Identity between them"
+            raise TypeError(
+                f"unsupported module {type(module).__name__} at '{path or '<root>'}': graphs are built from "
+                f"{supported}. Convolutional and BatchNorm layers are not supported yet; build the graph "
+                f"yourself with WeightGraph.from_weights([...]) or WeightGraph(layer_sizes, blocks)."
+            )
+        if not weights:
+            raise ValueError(f"{type(model).__name__} has no nn.Linear layers, so there is no weight graph to measure")
+        try:
+            return cls.from_weights(weights, layer_names=names)
+        except ValueError as err:
+            raise ValueError(f"{err}. The Linear layers of {type(model).__name__} must form a chain in registration order") from None
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict) -> "WeightGraph":
+        """Chain graph from the state_dict of a chain of Linear layers.
+
+        Keys ending in ``weight`` with 2-D values are taken in order; biases are ignored;
+        ``weight_orig`` / ``weight_mask`` pairs left by ``torch.nn.utils.prune`` are multiplied.
+
+        Example:
+            >>> sd = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).state_dict()
+            >>> WeightGraph.from_state_dict(sd).layer_sizes
+            (4, 3, 2)
+
+        Args:
+            state_dict: mapping from parameter names to tensors.
+
+        Returns:
+            The chain graph, with node layers named after the weight keys' module paths.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"expected a state_dict (a dict of tensors), got {type(state_dict).__name__}")
+        weights, names = [], ["input"]
+        for key, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state_dict entry '{key}' is a {type(value).__name__}, not a tensor")
+            module_path, _, leaf = key.rpartition(".")
+            if leaf in ("bias", "bias_orig", "bias_mask", "weight_mask") or key.endswith("num_batches_tracked"):
+                continue
+            if leaf in ("weight", "weight_orig") and value.dim() == 2:
+                if leaf == "weight_orig":
+                    mask = state_dict.get(f"{module_path}.weight_mask" if module_path else "weight_mask")
+                    value = value * mask if mask is not None else value
+                weights.append(value)
+                names.append(module_path or key)
+                continue
+            raise TypeError(
+                f"state_dict entry '{key}' with shape {tuple(value.shape)} is not a Linear weight or bias; only "
+                f"chains of Linear layers can be loaded from a state_dict (save the whole module for other models)"
+            )
+        if not weights:
+            raise ValueError("the state_dict holds no 2-D weight matrices, so there is no weight graph to measure")
+        return cls.from_weights(weights, layer_names=names)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def layer_sizes(self) -> Tuple[int, ...]:
+        return self._sizes
+
+    @property
+    def layer_names(self) -> Tuple[str, ...]:
+        return self._names
+
+    @property
+    def blocks(self) -> Tuple[EdgeBlock, ...]:
+        return self._blocks
+
+    @property
+    def num_nodes(self) -> int:
+        return int(sum(self._sizes))
+
+    @property
+    def layer_offsets(self) -> np.ndarray:
+        """Id of the first node of each layer (length ``len(layer_sizes) + 1``)."""
+        return np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
+
+    @property
+    def num_edges(self) -> int:
+        """Number of non-zero edges."""
+        return int(sum(int(torch.count_nonzero(b.weight)) for b in self._blocks))
+
+    def __repr__(self) -> str:
+        return f"WeightGraph(layer_sizes={self._sizes}, num_nodes={self.num_nodes}, blocks={len(self._blocks)})"
+
+    def node_info(self, node: int) -> Tuple[str, int]:
+        """``(layer name, unit index)`` of a node, the unit index as in the original model.
+
+        Example:
+            >>> WeightGraph.from_weights([torch.ones(3, 4)]).node_info(5)
+            ('layer1', 1)
+        """
+        node = int(node)
+        if not 0 <= node < self.num_nodes:
+            raise IndexError(f"node {node} out of range for a graph of {self.num_nodes} nodes")
+        layer = int(np.searchsorted(self.layer_offsets, node, side="right") - 1)
+        return self._names[layer], int(self._unit_index[layer][node - self.layer_offsets[layer]])
+
+    def layer_of_nodes(self) -> np.ndarray:
+        """Layer number of every node."""
+        return np.repeat(np.arange(len(self._sizes)), self._sizes)
+
+    # ------------------------------------------------------------------ numerics
+    def numpy_blocks(self, dtype=np.float64) -> List[Tuple[int, int, np.ndarray]]:
+        """The edge blocks as numpy arrays (on the CPU)."""
+        return [(b.src, b.dst, b.weight.detach().cpu().numpy().astype(dtype, copy=False)) for b in self._blocks]
+
+    def degrees(self) -> np.ndarray:
+        """Weighted degree (sum of incident |w|) of every node, float64."""
+        deg = np.zeros(self.num_nodes)
+        off = self.layer_offsets
+        for src, dst, w in self.numpy_blocks():
+            deg[off[dst]:off[dst + 1]] += w.sum(axis=1)
+            deg[off[src]:off[src + 1]] += w.sum(axis=0)
+        return deg
+
+    def adjacency(self) -> sp.csr_matrix:
+        """Symmetric N x N adjacency as a ``scipy.sparse.csr_matrix`` (float64).
+
+        Meant for users and test oracles; the library's own algorithms work on the blocks.
+        """
+        n = self.num_nodes
+        off = self.layer_offsets
+        rows, cols, vals = [], [], []
+        for src, dst, w in self.numpy_blocks():
+            r, c = np.nonzero(w)
+            rows += [r + off[dst], c + off[src]]
+            cols += [c + off[src], r + off[dst]]
+            vals += [w[r, c], w[r, c]]
+        if not rows:
+            return sp.csr_matrix((n, n))
+        a = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+        return a.tocsr()
+
+    def layer_coloring(self) -> Optional[np.ndarray]:
+        """A 2-colouring of the node layers such that every block joins two colours, or None.
+
+        When it exists the graph is bipartite (a chain always is), which the spectral
+        engine exploits.
+        """
+        colour = -np.ones(len(self._sizes), dtype=np.int64)
+        neighbours = [[] for _ in self._sizes]
+        for b in self._blocks:
+            neighbours[b.src].append(b.dst)
+            neighbours[b.dst].append(b.src)
+        for start in range(len(self._sizes)):
+            if colour[start] >= 0:
+                continue
+            colour[start] = 0
+            stack = [start]
+            while stack:
+                u = stack.pop()
+                for v in neighbours[u]:
+                    if colour[v] < 0:
+                        colour[v] = 1 - colour[u]
+                        stack.append(v)
+                    elif colour[v] == colour[u]:
+                        return None
+        return colour
+
+    def connected_components(self) -> Tuple[int, np.ndarray]:
+        """Number of connected components and the component id of every node."""
+        from scipy.sparse.csgraph import connected_components
+
+        n, labels = connected_components(self.adjacency(), directed=False)
+        return int(n), labels
+
+    def remove_isolated(self) -> Tuple["WeightGraph", np.ndarray]:
+        """The graph without degree-0 nodes, and the original id of each kept node.
+
+        Layers left without nodes are dropped. Use :func:`expand_labels` to map labels of
+        the smaller graph back to the original nodes (removed nodes get label -1).
+
+        Example:
+            >>> g = WeightGraph.from_weights([torch.tensor([[1.0, 0.0], [2.0, 0.0]])])
+            >>> small, kept = g.remove_isolated()
+            >>> small.num_nodes, kept.tolist()
+            (3, [0, 2, 3])
+        """
+        deg = self.degrees()
+        keep = deg > 0
+        if keep.all():
+            return self, np.arange(self.num_nodes)
+        off = self.layer_offsets
+        masks = [keep[off[l]:off[l + 1]] for l in range(len(self._sizes))]
+        new_layer = -np.ones(len(self._sizes), dtype=np.int64)
+        sizes, names, units = [], [], []
+        for l, m in enumerate(masks):
+            if m.any():
+                new_layer[l] = len(sizes)
+                sizes.append(int(m.sum()))
+                names.append(self._names[l])
+                units.append(self._unit_index[l][m])
+        blocks = []
+        for b in self._blocks:
+            if new_layer[b.src] < 0 or new_layer[b.dst] < 0:
+                continue
+            rows = torch.from_numpy(np.nonzero(masks[b.dst])[0]).to(b.weight.device)
+            cols = torch.from_numpy(np.nonzero(masks[b.src])[0]).to(b.weight.device)
+            blocks.append((int(new_layer[b.src]), int(new_layer[b.dst]), b.weight.index_select(0, rows).index_select(1, cols)))
+        return WeightGraph(sizes, blocks, names, units), np.nonzero(keep)[0]
+
+    def with_blocks(self, weights: Sequence[ArrayLike]) -> "WeightGraph":
+        """Same layers and block structure, new block weights (e.g. shuffled)."""
+        if len(weights) != len(self._blocks):
+            raise ValueError(f"expected {len(self._blocks)} blocks, got {len(weights)}")
+        return WeightGraph(self._sizes, [(b.src, b.dst, w) for b, w in zip(self._blocks, weights)], self._names, self._unit_index)
+
+
+def expand_labels(labels: np.ndarray, kept: np.ndarray, num_nodes: int) -> np.ndarray:
+    """Labels for all ``num_nodes`` original nodes; nodes not in ``kept`` get -1."""
+    full = -np.ones(num_nodes, dtype=np.int64)
+    full[kept] = labels
+    return full
+
+
+GraphLike = Union[WeightGraph, nn.Module, Sequence[ArrayLike]]
+
+
+def as_graph(obj: GraphLike) -> WeightGraph:
+    """Accept a WeightGraph, a model or a list of weight matrices."""
+    if isinstance(obj, WeightGraph):
+        return obj
+    if isinstance(obj, nn.Module):
+        return WeightGraph.from_module(obj)
+    if isinstance(obj, dict):
+        return WeightGraph.from_state_dict(obj)
+    if isinstance(obj, (list, tuple)):
+        return WeightGraph.from_weights(obj)
+    raise TypeError(f"expected a WeightGraph, an nn.Module, a state_dict or a list of weight matrices, got {type(obj).__name__}")
