@@ -283,7 +283,8 @@ def clusterability(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=n_shuffles, desc="shuffles", unit="shuffle", file=sys.stderr)
+            # delay: no bar at all when the shuffles finish within a second
+            bar = tqdm(total=n_shuffles, desc="shuffles", unit="shuffle", file=sys.stderr, delay=1.0)
         try:
             if executor is None:
                 results = []

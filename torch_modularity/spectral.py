@@ -207,6 +207,14 @@ def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0) 
 
 
 # --------------------------------------------------------------------------- k-means
+def _one_hot(labels: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) indicator matrix; rows of label -1 are all zero."""
+    h = np.zeros((labels.shape[0], k))
+    keep = labels >= 0
+    h[np.nonzero(keep)[0], labels[keep]] = 1.0
+    return h
+
+
 def _kmeans_plusplus(x: np.ndarray, sq_norms: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Greedy k-means++ seeding (the variant scikit-learn uses): returns centre indices."""
     n = x.shape[0]
@@ -238,8 +246,7 @@ def _lloyd(x: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, max_iter: i
         dist = sq_norms[:, None] - 2 * x @ centres.T + (centres ** 2).sum(axis=1)[None, :]
         labels = np.argmin(dist, axis=1)
         counts = np.bincount(labels, minlength=k)
-        new = np.zeros_like(centres)
-        np.add.at(new, labels, x)
+        new = _one_hot(labels, k).T @ x
         empty = np.nonzero(counts == 0)[0]
         if empty.size:
             # Re-seed empty clusters with the points farthest from their centres.
@@ -299,12 +306,9 @@ def _cluster_association(offsets: np.ndarray, blocks, labels: np.ndarray, k: int
     for src, dst, w in blocks:
         ls = labels[offsets[src]:offsets[src + 1]]
         ld = labels[offsets[dst]:offsets[dst + 1]]
-        ms, md = ls >= 0, ld >= 0
-        hs = np.zeros((len(ls), k))
-        hs[np.nonzero(ms)[0], ls[ms]] = 1.0
+        hs = _one_hot(ls, k)
         per_dst = w @ hs  # (n_dst, k): weight from each dst node to each cluster
-        c = np.zeros((k, k))
-        np.add.at(c, ld[md], per_dst[md])
+        c = _one_hot(ld, k).T @ per_dst
         assoc += c + c.T
     return assoc
 
