@@ -164,13 +164,7 @@ def _shuffle_seeds(seed: int, index: int) -> Tuple[np.random.SeedSequence, np.ra
     return perm, clus
 
 
-def _measure_graph(graph: WeightGraph, k: int, rng: np.random.Generator, n_init: int):
-    small, kept = graph.remove_isolated()
-    part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(), small.layer_coloring(), k, rng, n_init)
-    return small, kept, part
-
-
-def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: int, n_init: int):
+def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: int, n_init: int, refine: bool):
     """Worker task: n-cut of the shuffles ``indices`` of the graph in ``payload``."""
     sizes, names, blocks = payload
     out = []
@@ -185,7 +179,7 @@ def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: in
                 f"use fewer clusters or the 'layer_nonzero' shuffle"
             )
         part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(), small.layer_coloring(), k,
-                               np.random.default_rng(clus_seed), n_init)
+                               np.random.default_rng(clus_seed), n_init, refine)
         out.append((i, part.ncut, g.num_nodes - small.num_nodes))
     return out
 
@@ -216,7 +210,8 @@ def clusterability(
     seed: int = 0,
     executor: Optional[cf.Executor] = None,
     n_workers: Optional[int] = None,
-    n_init: int = 10,
+    n_init: int = 3,
+    refine: bool = True,
     progress: bool = False,
 ) -> ClusterabilityResult:
     """How clusterable is a network's weight graph, and is that more than chance?
@@ -247,6 +242,8 @@ def clusterability(
         n_workers: size of the local process pool when no executor is given (default: the
             usable CPUs; 1 runs in this process). Workers use one BLAS thread each.
         n_init: k-means++ restarts per clustering.
+        refine: greedy n-cut refinement of every partition (the network's and each
+            shuffle's alike); ``False`` gives the plain research-code pipeline.
         progress: show a progress bar on stderr.
 
     Returns:
@@ -267,7 +264,7 @@ def clusterability(
             f"{graph.num_nodes}); use fewer clusters"
         )
     part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(), small.layer_coloring(), int(n_clusters),
-                           np.random.default_rng(np.random.SeedSequence(seed)), n_init)
+                           np.random.default_rng(np.random.SeedSequence(seed)), n_init, refine)
     n_components = small.connected_components()[0]
 
     payload = (small.layer_sizes, small.layer_names, small.numpy_blocks())
@@ -289,11 +286,11 @@ def clusterability(
             if executor is None:
                 results = []
                 for chunk in chunks:
-                    results.append(_run_shuffles(payload, chunk.tolist(), shuffle, int(n_clusters), seed, n_init))
+                    results.append(_run_shuffles(payload, chunk.tolist(), shuffle, int(n_clusters), seed, n_init, refine))
                     if bar is not None:
                         bar.update(len(chunk))
             else:
-                futures = [executor.submit(_run_shuffles, payload, c.tolist(), shuffle, int(n_clusters), seed, n_init)
+                futures = [executor.submit(_run_shuffles, payload, c.tolist(), shuffle, int(n_clusters), seed, n_init, refine)
                            for c in chunks]
                 results = []
                 for fut in cf.as_completed(futures):
