@@ -30,16 +30,58 @@ _PASSTHROUGH = (
 )
 
 
+# Graphs with more weight-matrix entries than this are computed in float32.
+_FLOAT64_LIMIT = 1 << 21
+# Blocks with at least this many entries and under this density are handled as CSR.
+_SPARSE_MIN_ENTRIES = 1 << 16
+_SPARSE_DENSITY = 0.25
+
+
+def _sums(w, axis: int) -> np.ndarray:
+    """Row (axis=1) or column (axis=0) sums of a dense tensor or CSR block, float64."""
+    if sp.issparse(w):
+        return np.asarray(w.sum(axis=axis, dtype=np.float64)).ravel()
+    # Sum in the block's precision (torch accumulates pairwise), then widen: no float64 copy.
+    return w.detach().sum(dim=axis).cpu().numpy().astype(np.float64)
+
+
 @dataclass(frozen=True)
 class EdgeBlock:
     """One block of edges: ``weight[j, i]`` links unit ``i`` of layer ``src`` to unit ``j`` of ``dst``."""
 
     src: int
     dst: int
-    weight: torch.Tensor
+    weight: Union[torch.Tensor, sp.csr_matrix]  # dense tensor, or scipy CSR for sparse graphs
+
+    @property
+    def is_sparse(self) -> bool:
+        return sp.issparse(self.weight)
+
+
+def _as_sparse(w, name: str) -> sp.csr_matrix:
+    """A scipy CSR copy of a sparse block with |values|, after checking them."""
+    if isinstance(w, torch.Tensor):  # torch sparse (COO/CSR/...) -> scipy
+        w = w.detach().cpu().to_sparse_coo().coalesce()
+        idx = w.indices().numpy()
+        vals = w.values()
+        if vals.dtype in (torch.float16, torch.bfloat16):
+            vals = vals.float()
+        w = sp.coo_matrix((vals.numpy(), (idx[0], idx[1])), shape=tuple(w.shape))
+    w = sp.csr_matrix(w)
+    if not np.issubdtype(w.dtype, np.floating) or w.dtype == np.float16:
+        w = w.astype(np.float32)
+    if not np.all(np.isfinite(w.data)):
+        bad = int((~np.isfinite(w.data)).sum())
+        raise ValueError(f"{name} has {bad} non-finite (NaN/Inf) weights; fix or mask them before measuring")
+    w = abs(w)
+    w.eliminate_zeros()
+    w.sort_indices()
+    return w
 
 
 def _as_tensor(w: ArrayLike, name: str) -> torch.Tensor:
+    if sp.issparse(w) or (isinstance(w, torch.Tensor) and w.layout != torch.strided):
+        return _as_sparse(w, name)
     if isinstance(w, np.ndarray):
         w = torch.from_numpy(np.ascontiguousarray(w))
     if not isinstance(w, torch.Tensor):
@@ -101,12 +143,12 @@ class WeightGraph:
             if not (0 <= src < len(sizes) and 0 <= dst < len(sizes)) or src == dst:
                 raise ValueError(f"edge block ({src}, {dst}) must join two different layers in 0..{len(sizes) - 1}")
             w = _as_tensor(w, f"weights of block {names[src]} -> {names[dst]}")
-            if w.dim() != 2 or tuple(w.shape) != (sizes[dst], sizes[src]):
+            if w.ndim != 2 or tuple(w.shape) != (sizes[dst], sizes[src]):
                 raise ValueError(
                     f"block {names[src]} -> {names[dst]} has shape {tuple(w.shape)}, expected "
                     f"({sizes[dst]}, {sizes[src]}) = (units of {names[dst]}, units of {names[src]})"
                 )
-            checked.append(EdgeBlock(src, dst, w.abs()))
+            checked.append(EdgeBlock(src, dst, w if sp.issparse(w) else w.abs()))
         self._sizes = sizes
         self._names = names
         self._blocks = tuple(checked)
@@ -140,7 +182,7 @@ class WeightGraph:
         tensors = []
         for i, w in enumerate(weights):
             t = _as_tensor(w, f"weights[{i}]")
-            if t.dim() != 2:
+            if t.ndim != 2:
                 raise ValueError(f"weights[{i}] has shape {tuple(t.shape)}; expected a 2-D (out_features, in_features) matrix")
             if i and t.shape[1] != tensors[-1].shape[0]:
                 raise ValueError(
@@ -267,7 +309,7 @@ class WeightGraph:
     @property
     def num_edges(self) -> int:
         """Number of non-zero edges."""
-        return int(sum(int(torch.count_nonzero(b.weight)) for b in self._blocks))
+        return int(sum(b.weight.nnz if b.is_sparse else int(torch.count_nonzero(b.weight)) for b in self._blocks))
 
     def __repr__(self) -> str:
         return f"WeightGraph(layer_sizes={self._sizes}, num_nodes={self.num_nodes}, blocks={len(self._blocks)})"
@@ -290,17 +332,48 @@ class WeightGraph:
         return np.repeat(np.arange(len(self._sizes)), self._sizes)
 
     # ------------------------------------------------------------------ numerics
-    def numpy_blocks(self, dtype=np.float64) -> List[Tuple[int, int, np.ndarray]]:
-        """The edge blocks as numpy arrays (on the CPU)."""
-        return [(b.src, b.dst, b.weight.detach().cpu().numpy().astype(dtype, copy=False)) for b in self._blocks]
+    def engine_dtype(self) -> np.dtype:
+        """Precision of the numerical engine: float64 for graphs up to ~2M matrix entries
+        (exact enough for tests and cheap), float32 above (half the memory traffic)."""
+        entries = sum(b.weight.nnz if b.is_sparse else b.weight.numel() for b in self._blocks)
+        return np.dtype(np.float64 if entries <= _FLOAT64_LIMIT else np.float32)
+
+    def numpy_blocks(self, dtype=None, sparse: Optional[bool] = None) -> List[Tuple[int, int, np.ndarray]]:
+        """The edge blocks as numpy arrays or scipy CSR matrices, on the CPU.
+
+        Args:
+            dtype: numpy dtype; default :meth:`engine_dtype`.
+            sparse: ``True`` gives every block as CSR, ``False`` every block dense, ``None``
+                (default) CSR for large blocks under 25% density (pruned layers), where
+                sparse products are faster, and dense otherwise.
+        """
+        dtype = np.dtype(dtype or self.engine_dtype())
+        out = []
+        for b in self._blocks:
+            w = b.weight
+            if b.is_sparse:
+                nnz, size = w.nnz, w.shape[0] * w.shape[1]
+            else:
+                w = w.detach().cpu().numpy()
+                size = w.size
+                nnz = int(np.count_nonzero(w)) if sparse is None and size >= _SPARSE_MIN_ENTRIES else size
+            use_sparse = sparse if sparse is not None else (size >= _SPARSE_MIN_ENTRIES and nnz < _SPARSE_DENSITY * size)
+            if use_sparse:
+                w = sp.csr_matrix(w, dtype=dtype)
+            elif sp.issparse(w):
+                w = w.toarray().astype(dtype, copy=False)
+            else:
+                w = w.astype(dtype, copy=False)
+            out.append((b.src, b.dst, w))
+        return out
 
     def degrees(self) -> np.ndarray:
         """Weighted degree (sum of incident |w|) of every node, float64."""
         deg = np.zeros(self.num_nodes)
         off = self.layer_offsets
-        for src, dst, w in self.numpy_blocks():
-            deg[off[dst]:off[dst + 1]] += w.sum(axis=1)
-            deg[off[src]:off[src + 1]] += w.sum(axis=0)
+        for b in self._blocks:
+            deg[off[b.dst]:off[b.dst + 1]] += _sums(b.weight, axis=1)
+            deg[off[b.src]:off[b.src + 1]] += _sums(b.weight, axis=0)
         return deg
 
     def adjacency(self) -> sp.csr_matrix:
@@ -311,11 +384,12 @@ class WeightGraph:
         n = self.num_nodes
         off = self.layer_offsets
         rows, cols, vals = [], [], []
-        for src, dst, w in self.numpy_blocks():
-            r, c = np.nonzero(w)
+        for src, dst, w in self.numpy_blocks(np.float64, sparse=True):
+            w = w.tocoo()
+            r, c, v = w.row, w.col, w.data
             rows += [r + off[dst], c + off[src]]
             cols += [c + off[src], r + off[dst]]
-            vals += [w[r, c], w[r, c]]
+            vals += [v, v]
         if not rows:
             return sp.csr_matrix((n, n))
         a = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
@@ -384,9 +458,13 @@ class WeightGraph:
         for b in self._blocks:
             if new_layer[b.src] < 0 or new_layer[b.dst] < 0:
                 continue
-            rows = torch.from_numpy(np.nonzero(masks[b.dst])[0]).to(b.weight.device)
-            cols = torch.from_numpy(np.nonzero(masks[b.src])[0]).to(b.weight.device)
-            blocks.append((int(new_layer[b.src]), int(new_layer[b.dst]), b.weight.index_select(0, rows).index_select(1, cols)))
+            rows, cols = np.nonzero(masks[b.dst])[0], np.nonzero(masks[b.src])[0]
+            if b.is_sparse:
+                w = b.weight[rows][:, cols]
+            else:
+                dev = b.weight.device
+                w = b.weight.index_select(0, torch.from_numpy(rows).to(dev)).index_select(1, torch.from_numpy(cols).to(dev))
+            blocks.append((int(new_layer[b.src]), int(new_layer[b.dst]), w))
         return WeightGraph(sizes, blocks, names, units), np.nonzero(keep)[0]
 
     def with_blocks(self, weights: Sequence[ArrayLike]) -> "WeightGraph":

@@ -18,8 +18,16 @@ import numpy as np
 __all__ = ["refine_partition"]
 
 
+def one_hot(labels: np.ndarray, k: int, dtype=np.float64) -> np.ndarray:
+    """(n, k) cluster indicator matrix; rows of label -1 are all zero."""
+    h = np.zeros((labels.shape[0], k), dtype=dtype)
+    keep = labels >= 0
+    h[np.nonzero(keep)[0], labels[keep]] = 1
+    return h
+
+
 def _ncut_from_totals(w_in: np.ndarray, vol: np.ndarray, eps: float) -> float:
-    return float(np.sum((vol - w_in) / (vol + eps)))
+    return float(np.sum(np.maximum(vol - w_in, 0.0) / (vol + eps)))
 
 
 def refine_partition(
@@ -28,6 +36,7 @@ def refine_partition(
     groups: Sequence[Sequence[int]],
     labels: np.ndarray,
     k: int,
+    degrees: np.ndarray,
     max_passes: int = 10,
     inner_passes: int = 2,
     eps: float = 1e-8,
@@ -39,6 +48,7 @@ def refine_partition(
         groups: lists of layers whose nodes share no edges (colour classes, or single layers).
         labels: starting labels (every cluster non-empty), one per node.
         k: number of clusters.
+        degrees: weighted degree of every node.
 
     Returns:
         ``(labels, ncut)`` with ``ncut`` no higher than the start's.
@@ -46,15 +56,13 @@ def refine_partition(
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     n = int(offsets[-1])
     labels = np.asarray(labels, dtype=np.int64).copy()
-    deg = np.zeros(n)
-    for src, dst, w in blocks:
-        deg[offsets[dst]:offsets[dst + 1]] += w.sum(axis=1)
-        deg[offsets[src]:offsets[src + 1]] += w.sum(axis=0)
+    deg = np.asarray(degrees, dtype=np.float64)
+    if deg.shape != (n,):
+        raise ValueError(f"degrees must have one entry per node ({n})")
+    dtype = blocks[0][2].dtype if blocks else np.float64
 
-    def one_hot(lab):
-        h = np.zeros((lab.shape[0], k))
-        h[np.arange(lab.shape[0]), lab] = 1.0
-        return h
+    def indicator(lab):
+        return one_hot(lab, k, dtype)
 
     def edge_to_clusters(layer_ids: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
         """Node ids of the given layers and their (n, k) edge weight to each cluster."""
@@ -64,12 +72,12 @@ def refine_partition(
         for l in layer_ids:
             pos[l] = running
             running += sizes[l]
-        e = np.zeros((running, k))
+        e = np.zeros((running, k))  # float64: gains are small differences
         for src, dst, w in blocks:
             if dst in pos:
-                e[pos[dst]:pos[dst] + sizes[dst]] += w @ one_hot(labels[offsets[src]:offsets[src + 1]])
+                e[pos[dst]:pos[dst] + sizes[dst]] += w @ indicator(labels[offsets[src]:offsets[src + 1]])
             if src in pos:
-                e[pos[src]:pos[src] + sizes[src]] += w.T @ one_hot(labels[offsets[dst]:offsets[dst + 1]])
+                e[pos[src]:pos[src] + sizes[src]] += w.T @ indicator(labels[offsets[dst]:offsets[dst + 1]])
         return ids, e
 
     # Cluster totals: W_cc (twice the inner weight) and volumes.
@@ -77,7 +85,7 @@ def refine_partition(
     w_in = np.zeros(k)
     for src, dst, w in blocks:
         ls, ld = labels[offsets[src]:offsets[src + 1]], labels[offsets[dst]:offsets[dst + 1]]
-        per = w @ one_hot(ls)
+        per = (w @ indicator(ls)).astype(np.float64)
         w_in += 2 * np.bincount(ld, weights=per[np.arange(len(ld)), ld], minlength=k)
     counts = np.bincount(labels, minlength=k)
     current = _ncut_from_totals(w_in, vol, eps)

@@ -14,10 +14,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from .graph import GraphLike, WeightGraph, as_graph
-from .refine import refine_partition
+from .refine import one_hot, refine_partition
 
 __all__ = ["ncut", "spectral_clustering", "spectral_embedding"]
 
@@ -25,17 +26,23 @@ NCUT_EPS = 1e-8  # added to each cluster volume, as in the research code
 
 
 # --------------------------------------------------------------------------- block operators
+def _block_sums(w, axis: int) -> np.ndarray:
+    """Row (axis=1) or column (axis=0) sums of a dense or CSR block, as float64."""
+    return np.asarray(w.sum(axis=axis, dtype=np.float64)).ravel()
+
+
 class _NormalizedBlocks:
     """Normalized adjacency ``M = D^-1/2 A D^-1/2`` of a layered graph, applied blockwise."""
 
-    def __init__(self, sizes: Sequence[int], blocks: Sequence[Tuple[int, int, np.ndarray]], dtype=np.float64):
+    def __init__(self, sizes: Sequence[int], blocks: Sequence[Tuple[int, int, np.ndarray]], dtype=None):
+        dtype = np.dtype(dtype or (blocks[0][2].dtype if blocks else np.float64))
         self.sizes = [int(s) for s in sizes]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.n = int(self.offsets[-1])
         deg = np.zeros(self.n)
         for src, dst, w in blocks:
-            deg[self.offsets[dst]:self.offsets[dst + 1]] += w.sum(axis=1, dtype=np.float64)
-            deg[self.offsets[src]:self.offsets[src + 1]] += w.sum(axis=0, dtype=np.float64)
+            deg[self.offsets[dst]:self.offsets[dst + 1]] += _block_sums(w, 1)
+            deg[self.offsets[src]:self.offsets[src + 1]] += _block_sums(w, 0)
         if np.any(deg <= 0):
             raise ValueError(
                 f"{int(np.sum(deg <= 0))} nodes have no edges; remove isolated nodes first (WeightGraph.remove_isolated)"
@@ -46,7 +53,14 @@ class _NormalizedBlocks:
         for src, dst, w in blocks:
             left = inv_sqrt[self.offsets[dst]:self.offsets[dst + 1]]
             right = inv_sqrt[self.offsets[src]:self.offsets[src + 1]]
-            self.blocks.append((src, dst, (left[:, None] * w * right[None, :]).astype(dtype, copy=False)))
+            if sp.issparse(w):
+                s = sp.csr_matrix(sp.diags(left.astype(dtype)) @ w.astype(dtype) @ sp.diags(right.astype(dtype)))
+                self.blocks.append((src, dst, s, s.T.tocsr()))  # CSR of the transpose: fast products
+                continue
+            # Scale in the block's own precision: no float64 temporary of a large block.
+            s = w.astype(dtype, copy=False) * left.astype(dtype)[:, None]
+            s *= right.astype(dtype)[None, :]
+            self.blocks.append((src, dst, s, s.T))
         self.dtype = dtype
 
     def layer(self, x: np.ndarray, l: int) -> np.ndarray:
@@ -55,9 +69,9 @@ class _NormalizedBlocks:
     def matmat(self, x: np.ndarray) -> np.ndarray:
         """``M @ x`` for an (N, m) block of vectors."""
         y = np.zeros_like(x)
-        for src, dst, s in self.blocks:
+        for src, dst, s, st in self.blocks:
             y[self.offsets[dst]:self.offsets[dst + 1]] += s @ self.layer(x, src)
-            y[self.offsets[src]:self.offsets[src + 1]] += s.T @ self.layer(x, dst)
+            y[self.offsets[src]:self.offsets[src + 1]] += st @ self.layer(x, dst)
         return y
 
 
@@ -86,19 +100,19 @@ class _BipartiteGram:
     def forward(self, z: np.ndarray) -> np.ndarray:
         """``B z``: small side -> large side."""
         y = np.zeros((self.n_large,) + z.shape[1:], dtype=z.dtype)
-        for src, dst, s in self.op.blocks:
+        for src, dst, s, st in self.op.blocks:
             if self.colour[src] == self.small:
                 y[self._sl(dst)] += s @ z[self._sl(src)]
             else:
-                y[self._sl(src)] += s.T @ z[self._sl(dst)]
+                y[self._sl(src)] += st @ z[self._sl(dst)]
         return y
 
     def backward(self, y: np.ndarray) -> np.ndarray:
         """``B^T y``: large side -> small side."""
         z = np.zeros((self.n_small,) + y.shape[1:], dtype=y.dtype)
-        for src, dst, s in self.op.blocks:
+        for src, dst, s, st in self.op.blocks:
             if self.colour[src] == self.small:
-                z[self._sl(src)] += s.T @ y[self._sl(dst)]
+                z[self._sl(src)] += st @ y[self._sl(dst)]
             else:
                 z[self._sl(dst)] += s @ y[self._sl(src)]
         return z
@@ -163,9 +177,11 @@ def _embedding_from_blocks(
     colour: Optional[np.ndarray],
     k: int,
     rng: np.random.Generator,
-    tol: float = 1e-8,
+    tol: Optional[float] = None,
 ) -> SpectralEmbedding:
     op = _NormalizedBlocks(sizes, blocks)
+    if tol is None:
+        tol = 1e-5 if op.dtype == np.float32 else 1e-8
     n = op.n
     if k > n:
         raise ValueError(f"cannot compute {k} eigenvectors of a graph with {n} nodes")
@@ -175,15 +191,15 @@ def _embedding_from_blocks(
         # long as the k-th singular value is clearly positive. Otherwise M's top-k include
         # zero eigenvalues that live only on the large side: use the generic path.
         if gram.n_small > k + 1:
-            vals, z = _top_eigh(gram.gram, gram.n_small, k, rng, tol, np.float64)
+            vals, z = _top_eigh(gram.gram, gram.n_small, k, rng, tol, op.dtype)
             sigma = np.sqrt(np.clip(vals, 0.0, None))
-            if sigma[-1] > 1e-6:
+            if sigma[-1] > (1e-3 if op.dtype == np.float32 else 1e-6):
                 y = gram.forward(z) / sigma[None, :]
                 x = gram.to_full(z, y) / np.sqrt(2.0)
                 x /= np.linalg.norm(x, axis=0, keepdims=True)
-                return SpectralEmbedding(1.0 - sigma, x, op.degrees, "bipartite-gram")
-    vals, x = _top_eigh(op.matmat, n, k, rng, tol, np.float64)
-    return SpectralEmbedding(1.0 - vals, x, op.degrees, "generic")
+                return SpectralEmbedding((1.0 - sigma).astype(np.float64), x, op.degrees, "bipartite-gram")
+    vals, x = _top_eigh(op.matmat, n, k, rng, tol, op.dtype)
+    return SpectralEmbedding((1.0 - vals).astype(np.float64), x, op.degrees, "generic")
 
 
 def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0) -> SpectralEmbedding:
@@ -208,14 +224,6 @@ def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0) 
 
 
 # --------------------------------------------------------------------------- k-means
-def _one_hot(labels: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) indicator matrix; rows of label -1 are all zero."""
-    h = np.zeros((labels.shape[0], k))
-    keep = labels >= 0
-    h[np.nonzero(keep)[0], labels[keep]] = 1.0
-    return h
-
-
 def _kmeans_plusplus(x: np.ndarray, sq_norms: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Greedy k-means++ seeding (the variant scikit-learn uses): returns centre indices."""
     n = x.shape[0]
@@ -247,7 +255,7 @@ def _lloyd(x: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, max_iter: i
         dist = sq_norms[:, None] - 2 * x @ centres.T + (centres ** 2).sum(axis=1)[None, :]
         labels = np.argmin(dist, axis=1)
         counts = np.bincount(labels, minlength=k)
-        new = _one_hot(labels, k).T @ x
+        new = one_hot(labels, k).T @ x
         empty = np.nonzero(counts == 0)[0]
         if empty.size:
             # Re-seed empty clusters with the points farthest from their centres.
@@ -307,9 +315,8 @@ def _cluster_association(offsets: np.ndarray, blocks, labels: np.ndarray, k: int
     for src, dst, w in blocks:
         ls = labels[offsets[src]:offsets[src + 1]]
         ld = labels[offsets[dst]:offsets[dst + 1]]
-        hs = _one_hot(ls, k)
-        per_dst = w @ hs  # (n_dst, k): weight from each dst node to each cluster
-        c = _one_hot(ld, k).T @ per_dst
+        per_dst = (w @ one_hot(ls, k, w.dtype)).astype(np.float64)  # (n_dst, k): weight to each cluster
+        c = one_hot(ld, k).T @ per_dst
         assoc += c + c.T
     return assoc
 
@@ -317,7 +324,7 @@ def _cluster_association(offsets: np.ndarray, blocks, labels: np.ndarray, k: int
 def _ncut_from_blocks(offsets, blocks, degrees, labels: np.ndarray, k: int) -> float:
     assoc = _cluster_association(offsets, blocks, labels, k)
     vol = np.bincount(labels[labels >= 0], weights=degrees[labels >= 0], minlength=k)
-    cut = vol - np.diag(assoc)
+    cut = np.maximum(vol - np.diag(assoc), 0.0)  # rounding can leave -1e-16 for a cluster with no cut
     present = np.bincount(labels[labels >= 0], minlength=k) > 0
     return float(np.sum(cut[present] / (vol[present] + NCUT_EPS)))
 
@@ -327,8 +334,11 @@ def _check_labels(labels, num_nodes: int) -> np.ndarray:
     if lab.ndim != 1 or lab.shape[0] != num_nodes:
         raise ValueError(f"labels must be a 1-D array with one entry per node ({num_nodes}), got shape {lab.shape}")
     if lab.size and not np.issubdtype(lab.dtype, np.integer):
-        if not np.all(np.equal(np.mod(lab, 1), 0)):
-            raise ValueError("labels must be integers (cluster ids, or -1 for nodes to ignore)")
+        if lab.dtype == bool or not np.issubdtype(lab.dtype, np.number):
+            raise ValueError(f"labels must be integer cluster ids (or -1 for ignored nodes), got dtype {lab.dtype}")
+        finite = np.isfinite(lab)
+        if not finite.all() or not np.all(lab[finite] == np.round(lab[finite])):
+            raise ValueError("labels must be integer cluster ids (or -1 for ignored nodes); got non-integer values")
     lab = lab.astype(np.int64)
     if lab.size and lab.min() < -1:
         raise ValueError(f"labels must be >= -1 (-1 marks ignored nodes), got {lab.min()}")
@@ -397,7 +407,7 @@ def _cluster_blocks(sizes, blocks, colour, k: int, rng: np.random.Generator, n_i
             groups = [np.nonzero(colour == c)[0].tolist() for c in (0, 1)]
         else:
             groups = [[l] for l in range(len(sizes))]
-        refined = refine_partition(sizes, blocks, groups, labels, k)[0]
+        refined = refine_partition(sizes, blocks, groups, labels, k, emb.degrees)[0]
         refined_value = _ncut_from_blocks(offsets, blocks, emb.degrees, refined, k)
         if refined_value <= value:  # guards against rounding: never report a worse partition
             labels, value = refined, refined_value
