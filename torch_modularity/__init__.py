@@ -1,4 +1,6 @@
 """torch_modularity: measure and shape the modularity (spectral clusterability) of PyTorch networks."""
+from . import pruning
+from .checkpoint import CheckpointError, load_model_or_state_dict
 from .graph import WeightGraph
 from .measure import ClusterabilityResult, clusterability
 from .shuffle import SHUFFLE_METHODS, shuffle_weights
@@ -15,4 +17,7 @@ __all__ = [
     "spectral_embedding",
     "shuffle_weights",
     "SHUFFLE_METHODS",
+    "CheckpointError",
+    "load_model_or_state_dict",
+    "pruning",
 ]

@@ -1,24 +1,20 @@
-"""Command line: ``torch-modularity measure CHECKPOINT`` (also ``python -m torch_modularity``)."""
+"""Command line: ``torch-modularity measure|prune-compare CHECKPOINT`` (also ``python -m torch_modularity``)."""
 from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 from typing import List, Optional
 
 import torch
 from torch import nn
 
+from .checkpoint import load_model_or_state_dict
 from .graph import WeightGraph
 from .measure import clusterability
 from .shuffle import SHUFFLE_METHODS
 
 __all__ = ["main", "load_checkpoint"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be turned into a weight graph."""
 
 
 def load_checkpoint(path: str, trust: bool = False) -> WeightGraph:
@@ -41,34 +37,10 @@ def load_checkpoint(path: str, trust: bool = False) -> WeightGraph:
     Returns:
         The :class:`WeightGraph` of the checkpoint.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as err:
-        if not trust:
-            raise CheckpointError(
-                f"{path} is not a plain state_dict: it holds pickled objects (such as a whole nn.Module), which "
-                f"torch.load refuses with weights_only=True ({type(err).__name__}). Loading it runs code from the "
-                f"file: if you trust it, pass --trust-checkpoint; or save model.state_dict() instead."
-            ) from None
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err2:  # a corrupt file: say so instead of a traceback
-            raise CheckpointError(f"could not read checkpoint {path}: {err2}") from None
-    except Exception as err:
-        raise CheckpointError(f"could not read checkpoint {path}: {err}") from None
+    obj = load_model_or_state_dict(path, trust)
     if isinstance(obj, nn.Module):
         return WeightGraph.from_module(obj)
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-        if isinstance(obj, nn.Module):
-            return WeightGraph.from_module(obj)
-        return WeightGraph.from_state_dict(dict(obj))
-    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not an nn.Module or a state_dict")
+    return WeightGraph.from_state_dict(obj)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -84,12 +56,19 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print the full result as JSON")
     m.add_argument("--trust-checkpoint", action="store_true",
                    help="allow loading a pickled whole module (unpickling runs code from the file)")
+    from .pruning import add_cli as add_prune_compare_cli
+
+    add_prune_compare_cli(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``torch-modularity`` console script."""
     args = _build_parser().parse_args(argv)
+    if args.command == "prune-compare":
+        from .pruning import run_cli
+
+        return run_cli(args)
     try:
         graph = load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
         result = clusterability(

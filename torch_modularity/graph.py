@@ -31,7 +31,7 @@ _PASSTHROUGH = (
 
 
 # Graphs with more weight-matrix entries than this are computed in float32.
-_FLOAT64_LIMIT = 1 << 21
+_FLOAT64_LIMIT = 1 << 17
 # Blocks with at least this many entries and under this density are handled as CSR.
 _SPARSE_MIN_ENTRIES = 1 << 16
 _SPARSE_DENSITY = 0.25
@@ -41,8 +41,11 @@ def _sums(w, axis: int) -> np.ndarray:
     """Row (axis=1) or column (axis=0) sums of a dense tensor or CSR block, float64."""
     if sp.issparse(w):
         return np.asarray(w.sum(axis=axis, dtype=np.float64)).ravel()
-    # Sum in the block's precision (torch accumulates pairwise), then widen: no float64 copy.
-    return w.detach().sum(dim=axis).cpu().numpy().astype(np.float64)
+    w = w.detach()
+    if w.device.type == "cpu":
+        # numpy casts in small buffers: float64 accumulation without a float64 copy of w.
+        return w.numpy().sum(axis=axis, dtype=np.float64)
+    return w.sum(dim=axis, dtype=torch.float64).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -333,7 +336,7 @@ class WeightGraph:
 
     # ------------------------------------------------------------------ numerics
     def engine_dtype(self) -> np.dtype:
-        """Precision of the numerical engine: float64 for graphs up to ~2M matrix entries
+        """Precision of the numerical engine: float64 for graphs up to 131k matrix entries
         (exact enough for tests and cheap), float32 above (half the memory traffic)."""
         entries = sum(b.weight.nnz if b.is_sparse else b.weight.numel() for b in self._blocks)
         return np.dtype(np.float64 if entries <= _FLOAT64_LIMIT else np.float32)

@@ -178,7 +178,7 @@ def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: in
                 f"shuffle {i} left only {small.num_nodes} connected nodes, fewer than n_clusters={k}; "
                 f"use fewer clusters or the 'layer_nonzero' shuffle"
             )
-        part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(), small.layer_coloring(), k,
+        part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(blocks[0][2].dtype), small.layer_coloring(), k,
                                np.random.default_rng(clus_seed), n_init, refine)
         out.append((i, part.ncut, g.num_nodes - small.num_nodes))
     return out
@@ -213,6 +213,7 @@ def clusterability(
     n_init: int = 3,
     refine: bool = True,
     progress: bool = False,
+    dtype=None,
 ) -> ClusterabilityResult:
     """How clusterable is a network's weight graph, and is that more than chance?
 
@@ -245,6 +246,8 @@ def clusterability(
         refine: greedy n-cut refinement of every partition (the network's and each
             shuffle's alike); ``False`` gives the plain research-code pipeline.
         progress: show a progress bar on stderr.
+        dtype: engine precision, ``numpy.float64`` or ``numpy.float32``; default float64 for
+            graphs up to 131k weight entries, float32 above (``WeightGraph.engine_dtype``).
 
     Returns:
         A :class:`ClusterabilityResult`.
@@ -263,11 +266,12 @@ def clusterability(
             f"n_clusters={n_clusters} is larger than the number of non-isolated nodes ({small.num_nodes} of "
             f"{graph.num_nodes}); use fewer clusters"
         )
-    part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(), small.layer_coloring(), int(n_clusters),
+    blocks = small.numpy_blocks(dtype)
+    part = _cluster_blocks(small.layer_sizes, blocks, small.layer_coloring(), int(n_clusters),
                            np.random.default_rng(np.random.SeedSequence(seed)), n_init, refine)
     n_components = small.connected_components()[0]
 
-    payload = (small.layer_sizes, small.layer_names, small.numpy_blocks())
+    payload = (small.layer_sizes, small.layer_names, blocks)
     ncuts = np.full(n_shuffles, np.nan)
     isolated = np.zeros(n_shuffles, dtype=np.int64)
     if n_shuffles:

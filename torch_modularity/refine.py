@@ -37,18 +37,19 @@ def refine_partition(
     labels: np.ndarray,
     k: int,
     degrees: np.ndarray,
-    max_passes: int = 10,
-    inner_passes: int = 2,
+    max_passes: int = 12,
+    inner_passes: int = 1,
     eps: float = 1e-8,
 ) -> Tuple[np.ndarray, float]:
     """Lower the n-cut of ``labels`` by batched greedy node moves.
 
     Args:
-        sizes: nodes per layer; blocks: ``(src, dst, |W|)`` edge blocks.
+        sizes: nodes per layer; blocks: ``(src, dst, |W|)`` edge blocks (dense or CSR).
         groups: lists of layers whose nodes share no edges (colour classes, or single layers).
         labels: starting labels (every cluster non-empty), one per node.
         k: number of clusters.
         degrees: weighted degree of every node.
+        max_passes: sweeps over all groups; inner_passes: batches tried per group visit.
 
     Returns:
         ``(labels, ncut)`` with ``ncut`` no higher than the start's.
@@ -61,52 +62,51 @@ def refine_partition(
         raise ValueError(f"degrees must have one entry per node ({n})")
     dtype = blocks[0][2].dtype if blocks else np.float64
 
-    def indicator(lab):
-        return one_hot(lab, k, dtype)
+    def layer_slice(l: int) -> slice:
+        return slice(offsets[l], offsets[l + 1])
 
-    def edge_to_clusters(layer_ids: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
-        """Node ids of the given layers and their (n, k) edge weight to each cluster."""
-        ids = np.concatenate([np.arange(offsets[l], offsets[l + 1]) for l in layer_ids])
-        pos = {l: 0 for l in layer_ids}
-        running = 0
-        for l in layer_ids:
-            pos[l] = running
-            running += sizes[l]
-        e = np.zeros((running, k))  # float64: gains are small differences
-        for src, dst, w in blocks:
-            if dst in pos:
-                e[pos[dst]:pos[dst] + sizes[dst]] += w @ indicator(labels[offsets[src]:offsets[src + 1]])
-            if src in pos:
-                e[pos[src]:pos[src] + sizes[src]] += w.T @ indicator(labels[offsets[dst]:offsets[dst + 1]])
-        return ids, e
-
-    # Cluster totals: W_cc (twice the inner weight) and volumes.
-    vol = np.bincount(labels, weights=deg, minlength=k)
-    w_in = np.zeros(k)
+    # e[i, c]: edge weight from node i to cluster c. Kept up to date incrementally: a move
+    # of node j changes e only for j's neighbours, by the column (or row) of j's weights.
+    e = np.zeros((n, k))
     for src, dst, w in blocks:
-        ls, ld = labels[offsets[src]:offsets[src + 1]], labels[offsets[dst]:offsets[dst + 1]]
-        per = (w @ indicator(ls)).astype(np.float64)
-        w_in += 2 * np.bincount(ld, weights=per[np.arange(len(ld)), ld], minlength=k)
+        e[layer_slice(dst)] += w @ one_hot(labels[layer_slice(src)], k, dtype)
+        e[layer_slice(src)] += w.T @ one_hot(labels[layer_slice(dst)], k, dtype)
+    vol = np.bincount(labels, weights=deg, minlength=k)
+    w_in = np.bincount(labels, weights=e[np.arange(n), labels], minlength=k)  # = 2 x inner weight
     counts = np.bincount(labels, minlength=k)
     current = _ncut_from_totals(w_in, vol, eps)
+    layer_of = np.repeat(np.arange(len(sizes)), sizes)
 
-    groups = [list(g) for g in groups if len(g)]
+    def apply_moves(nodes: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
+        """Update e of the neighbours of the moved ``nodes``."""
+        moved_layer = layer_of[nodes]
+        for src, dst, w in blocks:
+            for here, there, mat in ((src, dst, w), (dst, src, None)):
+                sel = np.nonzero(moved_layer == here)[0]
+                if sel.size == 0:
+                    continue
+                local = nodes[sel] - offsets[here]
+                change = one_hot(new[sel], k, dtype) - one_hot(old[sel], k, dtype)
+                if mat is not None:  # moved nodes are sources: e[dst] += W[:, local] @ change
+                    e[layer_slice(there)] += w[:, local] @ change
+                else:  # moved nodes are destinations: e[src] += W[local, :]^T @ change
+                    e[layer_slice(there)] += w[local, :].T @ change
+
+    group_ids = [np.concatenate([np.arange(offsets[l], offsets[l + 1]) for l in g]) for g in groups if len(g)]
     for _ in range(max_passes):
         improved = False
-        for group in groups:
-            # Moves inside a group do not change the group's edge weights to clusters, so
-            # e is computed once per group visit and only the cluster totals are updated.
-            ids, e = edge_to_clusters(group)
+        for ids in group_ids:
             d = deg[ids]
             rows = np.arange(len(ids))
             for _ in range(inner_passes):
+                eg = e[ids]
                 a = labels[ids]
-                e_a = e[rows, a]
+                e_a = eg[rows, a]
                 # Change of n-cut when node i alone moves from a to b (rows: nodes).
                 vol_a_new = vol[a] - d
                 keep_a = w_in[a] / (vol[a] + eps)
                 new_a = np.where(vol_a_new > 0, (w_in[a] - 2 * e_a) / (vol_a_new + eps), 0.0)
-                gain_b = (w_in[None, :] + 2 * e) / (vol[None, :] + d[:, None] + eps) - (w_in / (vol + eps))[None, :]
+                gain_b = (w_in[None, :] + 2 * eg) / (vol[None, :] + d[:, None] + eps) - (w_in / (vol + eps))[None, :]
                 delta = (keep_a - new_a)[:, None] - gain_b  # negative = lower n-cut
                 delta[rows, a] = np.inf
                 best_b = np.argmin(delta, axis=1)
@@ -125,13 +125,15 @@ def refine_partition(
                         if batch.size == 0:
                             break
                     src_c, dst_c = a[batch], best_b[batch]
-                    new_w = w_in - 2 * np.bincount(src_c, weights=e[batch, src_c], minlength=k) \
-                        + 2 * np.bincount(dst_c, weights=e[batch, dst_c], minlength=k)
+                    # Nodes of one group share no edges, so the batch's totals simply add up.
+                    new_w = w_in - 2 * np.bincount(src_c, weights=eg[batch, src_c], minlength=k) \
+                        + 2 * np.bincount(dst_c, weights=eg[batch, dst_c], minlength=k)
                     new_vol = vol - np.bincount(src_c, weights=d[batch], minlength=k) \
                         + np.bincount(dst_c, weights=d[batch], minlength=k)
                     value = _ncut_from_totals(new_w, new_vol, eps)
                     if value < current - 1e-12:
                         labels[ids[batch]] = dst_c
+                        apply_moves(ids[batch], src_c, dst_c)
                         counts = counts - np.bincount(src_c, minlength=k) + np.bincount(dst_c, minlength=k)
                         w_in, vol, current = new_w, new_vol, value
                         improved = accepted = True

@@ -23,6 +23,7 @@ from .refine import one_hot, refine_partition
 __all__ = ["ncut", "spectral_clustering", "spectral_embedding"]
 
 NCUT_EPS = 1e-8  # added to each cluster volume, as in the research code
+_EXACT_SUM_LIMIT = 1 << 22
 
 
 # --------------------------------------------------------------------------- block operators
@@ -202,7 +203,7 @@ def _embedding_from_blocks(
     return SpectralEmbedding((1.0 - vals).astype(np.float64), x, op.degrees, "generic")
 
 
-def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0) -> SpectralEmbedding:
+def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0, dtype=None) -> SpectralEmbedding:
     """The ``n_components`` smallest eigenpairs of the normalized Laplacian, from the blocks.
 
     Example:
@@ -215,12 +216,14 @@ def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0) 
         graph: a WeightGraph (or model / weight list) without isolated nodes.
         n_components: number of eigenpairs (the trivial one included).
         seed: seeds the Lanczos start vector.
+        dtype: engine precision, ``numpy.float64`` or ``numpy.float32``; default float64 for
+            graphs up to 131k weight entries, float32 above (``WeightGraph.engine_dtype``).
 
     Returns:
         A :class:`SpectralEmbedding` with ascending eigenvalues of ``L``.
     """
     g = as_graph(graph)
-    return _embedding_from_blocks(g.layer_sizes, g.numpy_blocks(), g.layer_coloring(), int(n_components), _rng(seed))
+    return _embedding_from_blocks(g.layer_sizes, g.numpy_blocks(dtype), g.layer_coloring(), int(n_components), _rng(seed))
 
 
 # --------------------------------------------------------------------------- k-means
@@ -252,14 +255,18 @@ def _lloyd(x: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, max_iter: i
     k = centres.shape[0]
     labels = None
     for _ in range(max_iter):
-        dist = sq_norms[:, None] - 2 * x @ centres.T + (centres ** 2).sum(axis=1)[None, :]
-        labels = np.argmin(dist, axis=1)
+        # ||x||^2 is the same for every centre, so the assignment needs only the rest.
+        partial = (centres ** 2).sum(axis=1)[None, :] - 2 * x @ centres.T
+        new_labels = np.argmin(partial, axis=1)
+        if labels is not None and np.array_equal(new_labels, labels):
+            break  # assignments are stable: the centres would not move any more
+        labels = new_labels
         counts = np.bincount(labels, minlength=k)
         new = one_hot(labels, k).T @ x
         empty = np.nonzero(counts == 0)[0]
         if empty.size:
             # Re-seed empty clusters with the points farthest from their centres.
-            point_dist = dist[np.arange(len(x)), labels]
+            point_dist = partial[np.arange(len(x)), labels] + sq_norms
             far = np.argsort(point_dist)[::-1][: empty.size]
             for c, p in zip(empty, far):
                 new[c] = x[p]
@@ -310,12 +317,17 @@ def kmeans(x: np.ndarray, k: int, n_init: int, rng: np.random.Generator, max_ite
 
 # --------------------------------------------------------------------------- n-cut
 def _cluster_association(offsets: np.ndarray, blocks, labels: np.ndarray, k: int) -> np.ndarray:
-    """``k x k`` matrix of summed edge weights between clusters (both directions)."""
+    """``k x k`` matrix of summed edge weights between clusters (both directions).
+
+    Sums are formed in float64 (exact enough to serve as an oracle) except for blocks above
+    4M entries, which are summed in their own precision to avoid a float64 copy.
+    """
     assoc = np.zeros((k, k))
     for src, dst, w in blocks:
         ls = labels[offsets[src]:offsets[src + 1]]
         ld = labels[offsets[dst]:offsets[dst + 1]]
-        per_dst = (w @ one_hot(ls, k, w.dtype)).astype(np.float64)  # (n_dst, k): weight to each cluster
+        dtype = np.float64 if w.shape[0] * w.shape[1] <= _EXACT_SUM_LIMIT else w.dtype
+        per_dst = np.asarray(w @ one_hot(ls, k, dtype), dtype=np.float64)  # (n_dst, k): weight to each cluster
         c = one_hot(ld, k).T @ per_dst
         assoc += c + c.T
     return assoc
@@ -370,7 +382,9 @@ def ncut(graph: GraphLike, labels) -> float:
     if not np.any(lab >= 0):
         return 0.0
     k = int(lab.max()) + 1
-    blocks = g.numpy_blocks()
+    # float64 (oracle-grade) unless the graph is too large for a float64 copy.
+    entries = sum(b.weight.shape[0] * b.weight.shape[1] for b in g.blocks)
+    blocks = g.numpy_blocks(np.float64 if entries <= _EXACT_SUM_LIMIT else None)
     return _ncut_from_blocks(g.layer_offsets, blocks, g.degrees(), lab, k)
 
 
@@ -416,7 +430,7 @@ def _cluster_blocks(sizes, blocks, colour, k: int, rng: np.random.Generator, n_i
 
 
 def spectral_clustering(
-    graph: GraphLike, n_clusters: int = 12, seed: int = 0, n_init: int = 3, refine: bool = True
+    graph: GraphLike, n_clusters: int = 12, seed: int = 0, n_init: int = 3, refine: bool = True, dtype=None
 ) -> np.ndarray:
     """Partition a weight graph into ``n_clusters`` clusters by spectral clustering.
 
@@ -439,13 +453,15 @@ def spectral_clustering(
         n_init: number of k-means++ restarts (the best inertia is kept).
         refine: improve the k-means partition by greedy node moves with the exact n-cut gain
             (never raises the n-cut); ``False`` gives the plain research-code pipeline.
+        dtype: engine precision (see :func:`spectral_embedding`).
 
     Returns:
         An int64 numpy array of labels, one per node, -1 for isolated nodes.
     """
     g = as_graph(graph)
     small, kept = g.remove_isolated()
-    part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(), small.layer_coloring(), int(n_clusters), _rng(seed), n_init, refine)
+    part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(dtype), small.layer_coloring(), int(n_clusters),
+                           _rng(seed), n_init, refine)
     full = -np.ones(g.num_nodes, dtype=np.int64)
     full[kept] = part.labels
     return full
