@@ -1,0 +1,263 @@
+"""Spectral embedding and clustering (method.md 2.1) against dense eigh and scikit-learn."""
+from __future__ import annotations
+
+import warnings
+
+import networkx as nx
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import SpectralClustering
+from sklearn.metrics import adjusted_rand_score
+
+from torch_modularity import WeightGraph, clusterability, ncut, spectral_clustering, spectral_embedding
+
+
+# --------------------------------------------------------------------------- embedding
+def _check_embedding(graph, k, dense_laplacian, seed=0, reference=None, dtype=None, tol=1e-8):
+    """Eigenpairs of ``spectral_embedding`` versus dense ``numpy.linalg.eigh`` of L_sym.
+
+    ``reference`` may pass ``(lap, ref_vals, ref_vecs)`` computed earlier for the same graph.
+    ``tol`` is the eigenvalue tolerance (1e-8 for the float64 engine); vectors get 10x.
+    """
+    emb = spectral_embedding(graph, k, seed=seed) if dtype is None else spectral_embedding(graph, k, seed=seed, dtype=dtype)
+    if reference is None:
+        lap = dense_laplacian(graph.adjacency())
+        ref_vals, ref_vecs = np.linalg.eigh(lap)
+    else:
+        lap, ref_vals, ref_vecs = reference
+    vals = np.asarray(emb.eigenvalues)
+    u = np.asarray(emb.eigenvectors)
+    assert vals.shape == (k,)
+    assert u.shape == (graph.num_nodes, k)
+    # the k smallest eigenvalues, ascending
+    np.testing.assert_allclose(vals, ref_vals[:k], rtol=0, atol=tol)
+    # orthonormal eigenvectors with small residual
+    u = u.astype(np.float64)
+    np.testing.assert_allclose(u.T @ u, np.eye(k), rtol=0, atol=10 * tol)
+    np.testing.assert_allclose(lap @ u, u * vals[None, :], rtol=0, atol=10 * tol)
+    # the subspace: inside the span of the reference eigenvectors with eigenvalue <= lambda_k
+    # (ties at the boundary included, so degenerate eigenvalues are handled)
+    span = ref_vecs[:, ref_vals <= ref_vals[k - 1] + 1e-9]
+    smallest_sv = np.linalg.svd(span.T @ u, compute_uv=False).min()
+    assert smallest_sv == pytest.approx(1.0, abs=10 * tol)
+    return emb, ref_vals
+
+
+def test_embedding_small_mlp_dense_path(mlp_weights, dense_laplacian):
+    g = WeightGraph.from_weights(mlp_weights([10, 20, 15, 5], seed=0))
+    _, ref_vals = _check_embedding(g, 4, dense_laplacian)
+    assert ref_vals[4] - ref_vals[3] > 1e-6  # the k-subspace is well defined here
+    _check_embedding(g, 12, dense_laplacian)
+
+
+LANCZOS_SIZES = [220, 420, 200]  # colour classes {0, 2} and {1}: 420 nodes each
+
+
+def test_embedding_larger_mlp_lanczos_path(mlp_weights, dense_laplacian):
+    # both colour classes have 420 > 400 nodes: above the size where the small side's Gram
+    # matrix is decomposed densely, so the iterative (Lanczos) solver runs
+    g = WeightGraph.from_weights(mlp_weights(LANCZOS_SIZES, seed=1))
+    lap = dense_laplacian(g.adjacency())
+    ref_vals, ref_vecs = np.linalg.eigh(lap)
+    reference = (lap, ref_vals, ref_vecs)
+    for seed in (0, 3):  # the start vector must not matter
+        _check_embedding(g, 12, dense_laplacian, seed=seed, reference=reference, dtype=np.float64)
+    # the default engine precision may be float32 for a graph of this size (176k weights):
+    # still the right eigenpairs, to float32 accuracy
+    _check_embedding(g, 12, dense_laplacian, seed=0, reference=reference, tol=1e-4)
+
+
+def test_embedding_k_larger_than_small_side(mlp_weights, dense_laplacian):
+    # the small colour class (layer 1) has 3 nodes < k = 5: L has only 3 eigenvalues below 1,
+    # then eigenvalue 1 with multiplicity 54 (handled by the tie-aware subspace check)
+    g = WeightGraph.from_weights(mlp_weights([30, 3, 30], seed=2))
+    _check_embedding(g, 5, dense_laplacian)
+
+
+def test_embedding_non_bipartite_graph(dense_laplacian):
+    # a skip block 0 -> 2 makes an odd cycle of layers: the generic path
+    gen = torch.Generator().manual_seed(3)
+    blocks = [(0, 1, torch.rand(15, 20, generator=gen)), (1, 2, torch.rand(10, 15, generator=gen)),
+              (0, 2, torch.rand(10, 20, generator=gen))]
+    g = WeightGraph([20, 15, 10], blocks)
+    assert g.layer_coloring() is None
+    _check_embedding(g, 4, dense_laplacian)
+
+
+def test_embedding_large_non_bipartite_graph(dense_laplacian):
+    gen = torch.Generator().manual_seed(4)
+    blocks = [(0, 1, torch.rand(150, 200, generator=gen)), (1, 2, torch.rand(100, 150, generator=gen)),
+              (0, 2, torch.rand(100, 200, generator=gen))]
+    g = WeightGraph([200, 150, 100], blocks)
+    _check_embedding(g, 6, dense_laplacian)
+
+
+def test_embedding_of_disconnected_graph_has_two_zero_eigenvalues(dense_laplacian):
+    g, _ = _two_disjoint_mlps()
+    emb, _ = _check_embedding(g, 4, dense_laplacian)
+    np.testing.assert_allclose(emb.eigenvalues[:2], 0.0, atol=1e-8)
+    assert emb.eigenvalues[2] > 1e-3
+
+
+def test_embedding_rejects_isolated_nodes():
+    w = torch.ones(3, 4)
+    w[:, 0] = 0
+    with pytest.raises(ValueError, match="isolated"):
+        spectral_embedding(WeightGraph.from_weights([w, torch.ones(2, 3)]), 2)
+
+
+# --------------------------------------------------------------------------- clustering: basic contract
+def _assert_exactly_k(labels, k, num_nodes):
+    labels = np.asarray(labels)
+    assert labels.shape == (num_nodes,)
+    assert np.issubdtype(labels.dtype, np.integer)
+    kept = labels[labels >= 0]
+    assert sorted(np.unique(kept).tolist()) == list(range(k))
+
+
+def test_clustering_returns_exactly_k_nonempty_clusters(mlp_weights):
+    g = WeightGraph.from_weights(mlp_weights([8, 6, 5], seed=0))  # 19 nodes
+    for k in (2, 3, 7, 12, 17, 18, 19):
+        _assert_exactly_k(spectral_clustering(g, k, seed=0), k, g.num_nodes)
+
+
+def test_clustering_with_identical_units_still_gives_k_clusters():
+    # all-ones weights: every unit of a layer is identical (duplicate rows in the embedding)
+    g = WeightGraph.from_weights([torch.ones(4, 3), torch.ones(2, 4)])
+    for k in range(2, 10):
+        _assert_exactly_k(spectral_clustering(g, k, seed=1), k, 9)
+    # duplicated units inside a random net
+    gen = torch.Generator().manual_seed(5)
+    w0 = torch.rand(10, 12, generator=gen)
+    w0[5:] = w0[:5]
+    w1 = torch.rand(6, 10, generator=gen)
+    w1[:, 5:] = w1[:, :5]
+    g = WeightGraph.from_weights([w0, w1])
+    for k in (2, 5, 10, 20, 27, 28):
+        _assert_exactly_k(spectral_clustering(g, k, seed=0), k, 28)
+
+
+def test_clustering_labels_isolated_nodes_minus_one(mlp_weights):
+    ws = mlp_weights([12, 10, 4], seed=2)
+    ws[0][:, :3] = 0  # input units 0..2 isolated
+    ws[0][2] = 0
+    ws[1][:, 2] = 0  # hidden unit 2 isolated
+    g = WeightGraph.from_weights(ws)
+    isolated = np.asarray(g.adjacency().sum(axis=1)).ravel() == 0
+    assert list(np.nonzero(isolated)[0]) == [0, 1, 2, 14]
+    labels = spectral_clustering(g, 5, seed=0)
+    np.testing.assert_array_equal(labels == -1, isolated)
+    _assert_exactly_k(labels, 5, g.num_nodes)
+    _assert_exactly_k(spectral_clustering(g, 22, seed=0), 22, g.num_nodes)  # all 22 non-isolated
+    with pytest.raises(ValueError, match="non-isolated"):
+        spectral_clustering(g, 23, seed=0)
+
+
+@pytest.mark.parametrize("k", [1, 0, -3])
+def test_too_few_clusters_raise(mlp_weights, k):
+    with pytest.raises(ValueError, match="at least 2"):
+        spectral_clustering(WeightGraph.from_weights(mlp_weights([4, 3], seed=0)), k)
+
+
+def test_too_many_clusters_raise(mlp_weights):
+    with pytest.raises(ValueError, match="non-isolated"):
+        spectral_clustering(WeightGraph.from_weights(mlp_weights([4, 3], seed=0)), 8)
+
+
+def test_same_seed_same_labels(mlp_weights):
+    g = WeightGraph.from_weights(mlp_weights([20, 16, 10], seed=3))
+    for seed in (0, 1, 2):
+        first = spectral_clustering(g, 6, seed=seed)
+        np.testing.assert_array_equal(first, spectral_clustering(g, 6, seed=seed))
+        _assert_exactly_k(first, 6, g.num_nodes)  # any seed gives a valid partition
+
+
+def test_same_seed_same_labels_on_lanczos_path(mlp_weights):
+    g = WeightGraph.from_weights(mlp_weights(LANCZOS_SIZES, seed=1))
+    np.testing.assert_array_equal(spectral_clustering(g, 12, seed=4), spectral_clustering(g, 12, seed=4))
+
+
+def test_clustering_does_not_touch_global_rngs(mlp_weights):
+    g = WeightGraph.from_weights(mlp_weights([20, 16, 10], seed=3))
+    torch_state = torch.random.get_rng_state().clone()
+    np_state = np.random.get_state()
+    spectral_clustering(g, 5, seed=0)
+    spectral_embedding(g, 5, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert after[0] == np_state[0]
+    np.testing.assert_array_equal(after[1], np_state[1])
+    assert after[2:] == np_state[2:]
+
+
+# --------------------------------------------------------------------------- quality vs scikit-learn
+def _sklearn_labels(adjacency, k, seed):
+    model = SpectralClustering(n_clusters=k, affinity="precomputed", eigen_solver="arpack",
+                               assign_labels="kmeans", n_init=10, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's own warnings are not under test
+        return model.fit(adjacency).labels_
+
+
+def test_ncut_not_worse_than_sklearn_on_random_mlp_graphs(mlp_weights):
+    # Both run the same pipeline (normalized-Laplacian embedding, trivial vector kept, rows
+    # scaled by 1/sqrt(degree), k-means++ with 10 restarts); they differ only in random
+    # choices (eigensolver start vector, k-means seeding), which move k-means to different
+    # local optima. On unstructured graphs those optima differ by a few hundredths of n-cut
+    # (out of ~k - 1), so 0.05 on the 3-seed mean is the noise allowance.
+    ours, theirs = [], []
+    for seed in range(3):
+        g = WeightGraph.from_weights(mlp_weights([16, 24, 24, 8], seed=seed))
+        a = g.adjacency()
+        ours.append(ncut(g, spectral_clustering(g, 4, seed=seed)))
+        theirs.append(ncut(g, _sklearn_labels(a, 4, seed)))
+    assert np.mean(ours) <= np.mean(theirs) + 0.05, (ours, theirs)
+
+
+def test_planted_modules_recovered_like_sklearn(planted_weights):
+    for seed in range(2):
+        ws, modules = planted_weights([24, 36, 36, 12], 3, seed=seed, strength=4.0)
+        g = WeightGraph.from_weights(ws)
+        ours = spectral_clustering(g, 3, seed=seed)
+        theirs = _sklearn_labels(g.adjacency(), 3, seed)
+        assert adjusted_rand_score(modules, theirs) >= 0.9  # the planting is recoverable
+        assert adjusted_rand_score(modules, ours) >= 0.9
+        assert ncut(g, ours) <= ncut(g, modules) + 1e-9  # and ours is at least as good a cut
+
+
+def test_planted_modules_recovered_with_more_clusters(planted_weights):
+    ws, modules = planted_weights([32, 48, 48, 16], 4, seed=7, strength=5.0)
+    g = WeightGraph.from_weights(ws)
+    assert adjusted_rand_score(modules, spectral_clustering(g, 4, seed=0)) >= 0.9
+
+
+# --------------------------------------------------------------------------- disconnected graphs
+def _two_disjoint_mlps():
+    """Two MLPs (6-8-4 and 5-7-3) side by side in one layered graph, and the component of each node."""
+    gen = torch.Generator().manual_seed(9)
+    a0, a1 = torch.rand(8, 6, generator=gen) + 0.1, torch.rand(4, 8, generator=gen) + 0.1
+    b0, b1 = torch.rand(7, 5, generator=gen) + 0.1, torch.rand(3, 7, generator=gen) + 0.1
+    w0 = torch.block_diag(a0, b0)  # (15, 11)
+    w1 = torch.block_diag(a1, b1)  # (7, 15)
+    g = WeightGraph([11, 15, 7], [(0, 1, w0), (1, 2, w1)])
+    component = np.concatenate([[0] * 6 + [1] * 5, [0] * 8 + [1] * 7, [0] * 4 + [1] * 3])
+    return g, component
+
+
+def test_disconnected_graph_clusters_into_its_components():
+    g, component = _two_disjoint_mlps()
+    assert nx.number_connected_components(nx.from_scipy_sparse_array(g.adjacency())) == 2
+    labels = spectral_clustering(g, 2, seed=0)
+    assert adjusted_rand_score(component, labels) == 1.0
+    # no edge is cut; the weights are float32, so allow float32 rounding of the volumes
+    assert ncut(g, labels) == pytest.approx(0.0, abs=1e-6)
+    for k in (3, 5, 9):
+        _assert_exactly_k(spectral_clustering(g, k, seed=0), k, g.num_nodes)
+
+
+def test_disconnected_graph_clusterability_reports_components():
+    g, _ = _two_disjoint_mlps()
+    result = clusterability(g, n_clusters=3, n_shuffles=2, n_workers=1)
+    assert result.n_components == 2
+    _assert_exactly_k(result.labels, 3, g.num_nodes)
