@@ -50,7 +50,7 @@ def train(model: nn.Module, x, y, epochs: int, seed: int, batch_size: int = 128,
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         print(f"  epoch {epoch + 1}/{epochs}: train loss {total / len(x):.4f}", flush=True)
 
 

@@ -94,28 +94,32 @@ class _BipartiteGram:
             running[colour[l]] += s
         self.n_small, self.n_large = running[self.small], running[1 - self.small]
         self.sizes = sizes
+        # (matrix, output slice, input slice) for both directions, resolved once: the
+        # operator is applied ~100 times per eigensolve.
+        self._fwd, self._bwd = [], []
+        for src, dst, m, mt in op.blocks:
+            if colour[src] == self.small:  # src on the small side, dst on the large side
+                self._fwd.append((m, self._sl(dst), self._sl(src)))
+                self._bwd.append((mt, self._sl(src), self._sl(dst)))
+            else:
+                self._fwd.append((mt, self._sl(src), self._sl(dst)))
+                self._bwd.append((m, self._sl(dst), self._sl(src)))
 
     def _sl(self, l: int) -> slice:
-        return slice(self.start[l], self.start[l] + self.sizes[l])
+        return slice(int(self.start[l]), int(self.start[l] + self.sizes[l]))
 
     def forward(self, z: np.ndarray) -> np.ndarray:
         """``B z``: small side -> large side."""
         y = np.zeros((self.n_large,) + z.shape[1:], dtype=z.dtype)
-        for src, dst, s, st in self.op.blocks:
-            if self.colour[src] == self.small:
-                y[self._sl(dst)] += s @ z[self._sl(src)]
-            else:
-                y[self._sl(src)] += st @ z[self._sl(dst)]
+        for m, out, inp in self._fwd:
+            y[out] += m @ z[inp]
         return y
 
     def backward(self, y: np.ndarray) -> np.ndarray:
         """``B^T y``: large side -> small side."""
         z = np.zeros((self.n_small,) + y.shape[1:], dtype=y.dtype)
-        for src, dst, s, st in self.op.blocks:
-            if self.colour[src] == self.small:
-                z[self._sl(src)] += st @ y[self._sl(dst)]
-            else:
-                z[self._sl(dst)] += s @ y[self._sl(src)]
+        for m, out, inp in self._bwd:
+            z[out] += m @ y[inp]
         return z
 
     def gram(self, z: np.ndarray) -> np.ndarray:
@@ -381,7 +385,13 @@ def ncut(graph: GraphLike, labels) -> float:
     lab = _check_labels(labels, g.num_nodes)
     if not np.any(lab >= 0):
         return 0.0
-    k = int(lab.max()) + 1
+    # Only the clusters present count: compact the ids so that sparse ids (e.g. 10**6)
+    # do not allocate a huge k x k table.
+    present = lab >= 0
+    ids, compact = np.unique(lab[present], return_inverse=True)
+    lab = lab.copy()
+    lab[present] = compact
+    k = int(ids.size)
     # float64 (oracle-grade) unless the graph is too large for a float64 copy.
     entries = sum(b.weight.shape[0] * b.weight.shape[1] for b in g.blocks)
     blocks = g.numpy_blocks(np.float64 if entries <= _EXACT_SUM_LIMIT else None)

@@ -1,0 +1,135 @@
+"""The fast engine: refinement, precision, sparse blocks, degenerate spectra."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from torch_modularity import WeightGraph, clusterability, ncut, shuffle_weights, spectral_clustering, spectral_embedding
+from torch_modularity.refine import refine_partition
+from torch_modularity.spectral import _cluster_blocks, _ncut_from_blocks
+
+
+def _pruned_mlp(sizes, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ws = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        w = (torch.rand(n_out, n_in, generator=gen) * 2 - 1) / n_in ** 0.5
+        ws.append(w * (torch.rand(n_out, n_in, generator=gen) < density))
+    return WeightGraph.from_weights(ws)
+
+
+def _as_csr_graph(graph):
+    return WeightGraph(graph.layer_sizes, [(b.src, b.dst, sp.csr_matrix(b.weight.numpy())) for b in graph.blocks])
+
+
+def _dense_laplacian_eigs(graph, k):
+    a = graph.adjacency().toarray()
+    d = a.sum(axis=1)
+    m = a / np.sqrt(np.outer(d, d))
+    vals, vecs = np.linalg.eigh(np.eye(len(d)) - m)
+    return vals[:k], vecs[:, :k]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_refinement_never_raises_the_ncut(seed):
+    graph = _pruned_mlp([60, 80, 80, 10], 1.0, seed)
+    blocks, colour = graph.numpy_blocks(), graph.layer_coloring()
+    plain = _cluster_blocks(graph.layer_sizes, blocks, colour, 8, np.random.default_rng(seed), 3, refine=False)
+    refined = _cluster_blocks(graph.layer_sizes, blocks, colour, 8, np.random.default_rng(seed), 3, refine=True)
+    # Same seed -> same embedding and k-means start; refinement may only lower the n-cut.
+    assert refined.ncut <= plain.ncut + 1e-12
+    assert refined.ncut == pytest.approx(ncut(graph, refined.labels), abs=1e-12)
+    assert len(np.unique(refined.labels)) == 8
+
+
+def test_refine_partition_keeps_every_cluster_and_matches_bruteforce_ncut():
+    graph = _pruned_mlp([30, 40, 20], 1.0, 3)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, graph.num_nodes)
+    labels[:6] = np.arange(6)  # every cluster non-empty at the start
+    new, value = refine_partition(graph.layer_sizes, graph.numpy_blocks(), [[0, 2], [1]], labels, 6, graph.degrees())
+    assert value < ncut(graph, labels)
+    assert value == pytest.approx(ncut(graph, new), abs=1e-10)
+    assert np.bincount(new, minlength=6).min() >= 1
+
+
+def test_sparse_and_dense_blocks_agree():
+    dense = _pruned_mlp([200, 300, 300, 10], 0.2, 4)
+    csr = _as_csr_graph(dense)
+    assert any(sp.issparse(w) for _, _, w in csr.numpy_blocks())
+    emb_d = spectral_embedding(dense, 6, seed=0, dtype=np.float64)
+    emb_s = spectral_embedding(csr, 6, seed=0, dtype=np.float64)
+    np.testing.assert_allclose(emb_d.eigenvalues, emb_s.eigenvalues, atol=1e-8)
+    ref_vals, _ = _dense_laplacian_eigs(dense, 6)
+    np.testing.assert_allclose(emb_s.eigenvalues, ref_vals, atol=1e-8)
+    # Shuffles of the two representations are drawn identically, so whole results agree.
+    res_d = clusterability(dense, n_clusters=6, n_shuffles=3, n_workers=1, dtype=np.float64)
+    res_s = clusterability(csr, n_clusters=6, n_shuffles=3, n_workers=1, dtype=np.float64)
+    assert res_d.ncut == pytest.approx(res_s.ncut, abs=1e-6)
+    np.testing.assert_allclose(res_d.shuffled_ncuts, res_s.shuffled_ncuts, atol=1e-6)
+
+
+def test_auto_sparse_choice_for_pruned_dense_layers():
+    graph = _pruned_mlp([400, 400, 10], 0.05, 5)
+    kinds = [sp.issparse(w) for _, _, w in graph.numpy_blocks()]
+    assert kinds == [True, False]  # the 400x400 layer is large and sparse; the 10x400 one is small
+
+
+def test_float32_engine_agrees_with_float64():
+    graph = _pruned_mlp([100, 120, 120, 10], 1.0, 6)
+    e64 = spectral_embedding(graph, 8, dtype=np.float64)
+    e32 = spectral_embedding(graph, 8, dtype=np.float32)
+    np.testing.assert_allclose(e32.eigenvalues, e64.eigenvalues, atol=2e-5)
+    # Same subspace up to float32 accuracy.
+    s = np.linalg.svd(e64.eigenvectors.T @ e32.eigenvectors.astype(np.float64), compute_uv=False)
+    assert s.min() > 1 - 1e-3
+
+
+def test_many_isolated_nodes_and_components():
+    # Two disjoint chains plus isolated units: clustered per component, isolated units -1.
+    gen = torch.Generator().manual_seed(7)
+    w1 = torch.rand(20, 30, generator=gen)
+    w2 = torch.rand(10, 20, generator=gen)
+    w1[:, 25:] = 0  # five isolated input units
+    blocks = [(0, 1, w1), (1, 2, w2), (3, 4, torch.rand(15, 12, generator=gen))]
+    graph = WeightGraph([30, 20, 10, 12, 15], blocks)
+    res = clusterability(graph, n_clusters=6, n_shuffles=2, n_workers=1)
+    assert res.n_isolated == 5 and res.n_components == 2
+    assert (res.labels[25:30] == -1).all() and len(set(res.labels[res.labels >= 0])) == 6
+    assert np.isfinite(res.shuffled_ncuts).all()
+
+
+def test_k_close_to_number_of_nodes():
+    graph = _pruned_mlp([6, 5, 3], 1.0, 8)
+    labels = spectral_clustering(graph, n_clusters=13, seed=0)
+    assert sorted(set(labels.tolist())) == list(range(13))
+    assert 0 <= ncut(graph, labels) <= 13
+
+
+def test_degenerate_spectrum_is_handled():
+    # All-equal weights: the normalized adjacency has massively repeated eigenvalues.
+    graph = WeightGraph.from_weights([torch.ones(40, 30), torch.ones(20, 40)])
+    emb = spectral_embedding(graph, 5, dtype=np.float64)
+    ref_vals, _ = _dense_laplacian_eigs(graph, 5)
+    np.testing.assert_allclose(emb.eigenvalues, ref_vals, atol=1e-8)
+    labels = spectral_clustering(graph, n_clusters=5)
+    assert len(set(labels.tolist())) == 5 and np.isfinite(ncut(graph, labels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_computed_in_float32(dtype):
+    gen = torch.Generator().manual_seed(9)
+    ws = [torch.rand(30, 20, generator=gen).to(dtype), torch.rand(5, 30, generator=gen).to(dtype)]
+    graph = WeightGraph.from_weights(ws)
+    ref = WeightGraph.from_weights([w.float() for w in ws])
+    assert graph.blocks[0].weight.dtype == torch.float32
+    np.testing.assert_allclose(spectral_embedding(graph, 4).eigenvalues, spectral_embedding(ref, 4).eigenvalues)
+
+
+def test_layer_shuffle_of_csr_matches_dense():
+    w = np.random.default_rng(0).random((30, 40))
+    w[w < 0.7] = 0
+    for method in ("layer", "layer_nonzero"):
+        a = shuffle_weights([w], method, np.random.default_rng(1))[0]
+        b = shuffle_weights([sp.csr_matrix(w)], method, np.random.default_rng(1))[0]
+        np.testing.assert_array_equal(a, b.toarray())
