@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import math
 import multiprocessing
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._threads import limit_threads
 from .graph import GraphLike, WeightGraph, as_graph, expand_labels
 from .shuffle import check_shuffle_method, shuffle_weights
 from .spectral import _cluster_blocks
@@ -131,33 +130,6 @@ class ClusterabilityResult:
 
 
 # --------------------------------------------------------------------------- workers
-def _limit_threads(n: int = 1) -> None:
-    """Limit torch and every loaded OpenBLAS to ``n`` threads (inside pool workers)."""
-    try:
-        import torch
-
-        torch.set_num_threads(n)
-    except Exception:  # torch is a dependency, but a worker must never fail here
-        pass
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        with open("/proc/self/maps") as fh:
-            libs = set(re.findall(r"(/\S*openblas\S*\.so\S*)", fh.read()))
-    except OSError:
-        return
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("openblas_set_num_threads", "openblas_set_num_threads64_",
-                     "scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-
-
 def _shuffle_seeds(seed: int, index: int) -> Tuple[np.random.SeedSequence, np.random.SeedSequence]:
     """Independent (permutation, clustering) seeds of shuffle ``index``: depend on (seed, index) only."""
     perm, clus = np.random.SeedSequence(seed, spawn_key=(index,)).spawn(2)
@@ -185,7 +157,7 @@ def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: in
 
 
 def _pool_initializer() -> None:
-    _limit_threads(1)
+    limit_threads(1)
 
 
 def _default_workers() -> int:
