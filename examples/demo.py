@@ -17,41 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from torch_modularity import clusterability
 from torch_modularity.datasets import load_mnist
 
-
-def make_mlp(sizes=(784, 256, 256, 256, 256, 10)) -> nn.Sequential:
-    layers = [nn.Flatten()]
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
-
-
-def train(model: nn.Module, x, y, epochs: int, seed: int, batch_size: int = 128, lr: float = 1e-3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        total = 0.0
-        for start in range(0, len(x), batch_size):
-            idx = perm[start:start + batch_size]
-            opt.zero_grad()
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        print(f"  epoch {epoch + 1}/{epochs}: train loss {total / len(x):.4f}", flush=True)
+from mnist_mlp import accuracy, make_mlp, train
 
 
 def main() -> None:
