@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def main() -> None:
 
     print(f"Measuring clusterability (k=12, {args.shuffles} 'layer' shuffles)")
     t0 = time.time()
-    result = clusterability(model, n_clusters=12, n_shuffles=args.shuffles, seed=args.seed, progress=True)
+    result = clusterability(model, n_clusters=12, n_shuffles=args.shuffles, seed=args.seed,
+                            progress=sys.stderr.isatty())
     print(result.summary())
     print(f"({time.time() - t0:.1f} s)\n")
     verdict = "more" if result.p_value <= 0.05 and result.z < 0 else "not significantly more"

@@ -78,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             shuffle=args.shuffle,
             seed=args.seed,
             n_workers=args.workers,
-            progress=not args.json,
+            progress=not args.json and sys.stderr.isatty(),  # a bar in a terminal, quiet in logs
         )
     except (ValueError, TypeError) as err:
         print(f"torch-modularity: error: {err}", file=sys.stderr)
