@@ -11,7 +11,7 @@ CONSTRAINTS := ci/constraints.txt
 $(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) torch
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,plot]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,plot,lightning,huggingface]'
 	touch $@
 
 venv: $(VENV)/.installed

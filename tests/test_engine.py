@@ -160,3 +160,8 @@ def test_block_solver_path_matches_dense(monkeypatch):
     from sklearn.metrics import adjusted_rand_score
 
     assert adjusted_rand_score(planted, labels) > 0.95
+
+
+def test_all_zero_weights_give_a_clear_error():
+    with pytest.raises(ValueError, match="isolated"):
+        clusterability([torch.zeros(3, 4), torch.zeros(2, 3)], n_clusters=2, n_shuffles=0)

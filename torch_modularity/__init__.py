@@ -3,6 +3,7 @@ from . import pruning
 from .checkpoint import CheckpointError, load_model_or_state_dict
 from .graph import WeightGraph
 from .measure import ClusterabilityResult, clusterability
+from .monitor import ClusterabilityMonitor
 from .shuffle import SHUFFLE_METHODS, shuffle_weights
 from .spectral import ncut, spectral_clustering, spectral_embedding
 
@@ -12,6 +13,7 @@ __all__ = [
     "WeightGraph",
     "ClusterabilityResult",
     "clusterability",
+    "ClusterabilityMonitor",
     "ncut",
     "spectral_clustering",
     "spectral_embedding",

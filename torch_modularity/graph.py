@@ -447,6 +447,11 @@ class WeightGraph:
         keep = deg > 0
         if keep.all():
             return self, np.arange(self.num_nodes)
+        if not keep.any():
+            raise ValueError(
+                f"all {self.num_nodes} nodes are isolated (every weight is zero): there is no graph to measure; "
+                f"check that the model is trained/loaded and not pruned to 100%"
+            )
         off = self.layer_offsets
         masks = [keep[off[l]:off[l + 1]] for l in range(len(self._sizes))]
         new_layer = -np.ones(len(self._sizes), dtype=np.int64)
