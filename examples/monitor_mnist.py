@@ -26,14 +26,7 @@ from torch import nn
 from torch_modularity.datasets import load_mnist
 from torch_modularity.monitor import ClusterabilityMonitor
 
-
-def make_mlp(sizes=(784, 256, 256, 256, 256, 10)) -> nn.Sequential:
-    layers = [nn.Flatten()]
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+from mnist_mlp import make_mlp
 
 
 def main() -> None:
