@@ -314,8 +314,8 @@ def test_model_without_linear_raises():
     "model, path, name",
     [
         (nn.Sequential(nn.Linear(3, 3), nn.Conv2d(1, 1, 3)), "'1'", "Conv2d"),
-        (nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), nn.Linear(3, 2)), "'1.1'", "BatchNorm1d"),
-        (nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, affine=False), nn.Linear(3, 2)), "'1'", "BatchNorm1d"),
+        (nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.ReLU(), nn.LayerNorm(3)), nn.Linear(3, 2)), "'1.1'", "LayerNorm"),
+        (nn.Sequential(nn.Linear(3, 3), nn.LSTM(3, 3), nn.Linear(3, 2)), "'1'", "LSTM"),
     ],
 )
 def test_unsupported_module_raises_naming_module_and_path(model, path, name):

@@ -6,6 +6,7 @@ from .measure import ClusterabilityResult, clusterability
 from .monitor import ClusterabilityMonitor
 from .shuffle import SHUFFLE_METHODS, shuffle_weights
 from .spectral import ncut, spectral_clustering, spectral_embedding
+from .trace import UnsupportedModuleError, transformer_mlp_graphs
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,6 @@ __all__ = [
     "CheckpointError",
     "load_model_or_state_dict",
     "pruning",
+    "transformer_mlp_graphs",
+    "UnsupportedModuleError",
 ]

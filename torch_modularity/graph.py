@@ -20,16 +20,6 @@ __all__ = ["WeightGraph", "EdgeBlock"]
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
-# Parameter-free modules that do not change which unit feeds which: they can sit between
-# two Linear layers of a chain without adding nodes or edges.
-_PASSTHROUGH = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
-    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Softmax, nn.LogSoftmax,
-    nn.Dropout, nn.AlphaDropout, nn.Identity, nn.Flatten,
-)
-
-
 # Graphs with more weight-matrix entries than this are computed in float32.
 _FLOAT64_LIMIT = 1 << 17
 # Blocks with at least this many entries and under this density are handled as CSR.
@@ -198,12 +188,24 @@ class WeightGraph:
         return cls(sizes, blocks, layer_names=layer_names)
 
     @classmethod
-    def from_module(cls, model: nn.Module) -> "WeightGraph":
-        """Chain graph of the ``nn.Linear`` layers of a model, in registration order.
+    def from_module(
+        cls,
+        model: nn.Module,
+        *,
+        example_input=None,
+        kernel_norm: str = "l1",
+        fold_batchnorm: bool = True,
+        include_dense: Optional[bool] = None,
+        include_input: Optional[bool] = None,
+    ) -> "WeightGraph":
+        """Weight graph of an MLP, CNN or DAG model, read by tracing its forward pass.
 
-        Activations, dropout, ``Flatten`` and ``Identity`` may sit between the Linear layers.
-        Biases are not part of the graph. Pruning masks (``torch.nn.utils.prune``) are
-        respected, since the masked ``weight`` is read.
+        MLPs: every Linear's units are nodes, the input features too. CNNs: each Conv2d
+        output channel is a node ("filters as units") and the edge between two channels is a
+        norm of the |kernel| slice; BatchNorm is folded in; by default the image channels and
+        the dense head are left out, as in the research code. Residual additions and
+        concatenations are followed (the graph may then be non-bipartite). See
+        :func:`torch_modularity.trace.graph_from_module` for every option and rule.
 
         Example:
             >>> mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -211,39 +213,21 @@ class WeightGraph:
             (784, 64, 10)
 
         Args:
-            model: an ``nn.Sequential``-like chain of Linear layers.
+            model: the network.
+            example_input: an input batch, needed only for models fx cannot trace.
+            kernel_norm: ``"l1"`` (default), ``"fro"`` or ``"induced_l1"`` (the research code's).
+            fold_batchnorm: multiply channels by ``|gamma| / sqrt(running_var + eps)``.
+            include_dense: keep Linear layers after convolutions (default: no for CNNs).
+            include_input: keep the input units/channels (default: yes for MLPs, no for CNNs).
 
         Returns:
-            The graph; node layers are named ``input`` and then after each Linear's module path.
+            The graph; node layers are named after module paths (``graph.node_info(i)``).
         """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-        weights, names = [], ["input"]
-        for path, module in model.named_modules():
-            if isinstance(module, nn.Linear):
-                weights.append(module.weight)
-                names.append(path or "model")
-                continue
-            own_params = list(module.parameters(recurse=False))
-            children = list(module.children())
-            if children and not own_params:
-                continue  # a container: its children are visited in turn
-            if isinstance(module, _PASSTHROUGH) and not own_params:
-                continue
-            if isinstance(module, nn.PReLU):
-                continue
-            supported = "nn.Linear with activations, Dropout, Flatten or Identity between them"
-            raise TypeError(
-                f"unsupported module {type(module).__name__} at '{path or '<root>'}': graphs are built from "
-                f"{supported}. Convolutional and BatchNorm layers are not supported yet; build the graph "
-                f"yourself with WeightGraph.from_weights([...]) or WeightGraph(layer_sizes, blocks)."
-            )
-        if not weights:
-            raise ValueError(f"{type(model).__name__} has no nn.Linear layers, so there is no weight graph to measure")
-        try:
-            return cls.from_weights(weights, layer_names=names)
-        except ValueError as err:
-            raise ValueError(f"{err}. The Linear layers of {type(model).__name__} must form a chain in registration order") from None
+        from .trace import graph_from_module  # trace.py builds on this module
+
+        return graph_from_module(model, example_input=example_input, kernel_norm=kernel_norm,
+                                 fold_batchnorm=fold_batchnorm, include_dense=include_dense,
+                                 include_input=include_input)
 
     @classmethod
     def from_state_dict(cls, state_dict: dict) -> "WeightGraph":

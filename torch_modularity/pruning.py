@@ -922,6 +922,11 @@ def _linear_weights(net: nn.Module) -> Tuple[List[torch.Tensor], Tuple[str, ...]
     """The effective Linear weights of a chain, as :meth:`WeightGraph.from_module` reads them."""
     graph = WeightGraph.from_module(net)  # validates the chain and gives the layer names
     weights = [m.weight.detach().cpu() for m in net.modules() if isinstance(m, nn.Linear)]
+    chain_sizes = tuple([weights[0].shape[1]] + [w.shape[0] for w in weights]) if weights else ()
+    if graph.layer_sizes != chain_sizes or any(isinstance(m, nn.Conv2d) for m in net.modules()):
+        # The dead-unit analysis below reads the Linear weights as the graph's blocks.
+        raise TypeError(f"compare() supports chains of Linear layers; {type(net).__name__} has a different weight "
+                        f"graph (node layers {graph.layer_sizes}). Use clusterability() on CNNs and DAGs.")
     return weights, graph.layer_names
 
 
