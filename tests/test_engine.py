@@ -165,3 +165,31 @@ def test_block_solver_path_matches_dense(monkeypatch):
 def test_all_zero_weights_give_a_clear_error():
     with pytest.raises(ValueError, match="isolated"):
         clusterability([torch.zeros(3, 4), torch.zeros(2, 3)], n_clusters=2, n_shuffles=0)
+
+
+def test_exclude_dead_measures_the_live_subgraph():
+    gen = torch.Generator().manual_seed(11)
+    w1 = torch.rand(20, 30, generator=gen)
+    w2 = torch.rand(10, 20, generator=gen)
+    w2[:, :5] *= 1e-7  # hidden units 0-4 feed (almost) nothing forward: dead
+    graph = WeightGraph.from_weights([w1, w2])
+    full = clusterability(graph, n_clusters=4, n_shuffles=3, n_workers=1)
+    live = clusterability(graph, n_clusters=4, n_shuffles=3, n_workers=1, exclude_dead=True)
+    dead_ids = 30 + np.arange(5)
+    assert full.n_dead == live.n_dead == 5 and not full.exclude_dead and live.exclude_dead
+    assert (live.labels[dead_ids] == -1).all() and (live.labels >= 0).sum() == graph.num_nodes - 5
+    # The same as measuring the hand-made live subgraph (same seed, same pipeline).
+    keep = np.ones(graph.num_nodes, dtype=bool)
+    keep[dead_ids] = False
+    by_hand = clusterability(graph.subgraph(keep)[0], n_clusters=4, n_shuffles=3, n_workers=1)
+    assert live.ncut == pytest.approx(by_hand.ncut, abs=1e-12)
+    np.testing.assert_allclose(live.shuffled_ncuts, by_hand.shuffled_ncuts, atol=1e-12)
+    assert ncut(graph, live.labels) >= 0
+
+
+def test_exclude_dead_needs_a_chain():
+    blocks = [(0, 1, torch.rand(4, 3)), (1, 2, torch.rand(2, 4)), (0, 2, torch.rand(2, 3))]
+    graph = WeightGraph([3, 4, 2], blocks)
+    assert clusterability(graph, n_clusters=2, n_shuffles=0).n_dead is None
+    with pytest.raises(ValueError, match="chain"):
+        clusterability(graph, n_clusters=2, n_shuffles=0, exclude_dead=True)

@@ -427,8 +427,7 @@ class WeightGraph:
             >>> small.num_nodes, kept.tolist()
             (3, [0, 2, 3])
         """
-        deg = self.degrees()
-        keep = deg > 0
+        keep = self.degrees() > 0
         if keep.all():
             return self, np.arange(self.num_nodes)
         if not keep.any():
@@ -436,6 +435,24 @@ class WeightGraph:
                 f"all {self.num_nodes} nodes are isolated (every weight is zero): there is no graph to measure; "
                 f"check that the model is trained/loaded and not pruned to 100%"
             )
+        return self.subgraph(keep)
+
+    def subgraph(self, keep: np.ndarray) -> Tuple["WeightGraph", np.ndarray]:
+        """The graph induced by the nodes where ``keep`` is True, and their original ids.
+
+        Layers left without nodes are dropped; :meth:`node_info` still names the original units.
+
+        Example:
+            >>> g = WeightGraph.from_weights([torch.ones(2, 3)])
+            >>> sub, kept = g.subgraph(np.array([True, False, True, True, True]))
+            >>> sub.layer_sizes, kept.tolist()
+            ((2, 2), [0, 2, 3, 4])
+        """
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (self.num_nodes,):
+            raise ValueError(f"keep must be a boolean mask with one entry per node ({self.num_nodes})")
+        if not keep.any():
+            raise ValueError("the subgraph would have no nodes")
         off = self.layer_offsets
         masks = [keep[off[l]:off[l + 1]] for l in range(len(self._sizes))]
         new_layer = -np.ones(len(self._sizes), dtype=np.int64)

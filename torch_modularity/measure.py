@@ -37,6 +37,11 @@ class ClusterabilityResult:
         eigenvalues: the ``n_clusters`` smallest normalized-Laplacian eigenvalues.
         shuffled_isolated: isolated nodes removed from each shuffled network.
         layer_names, layer_sizes: the node layers, to map labels back to units.
+        n_dead: units of the original graph on no input-to-output path worth the name
+            (:func:`torch_modularity.flow.dead_units`; isolated units included); ``None`` for
+            graphs that are not chains. A low n-cut made of dead units is not modularity.
+        exclude_dead: whether dead units were removed before measuring (the live subgraph;
+            they are labelled -1).
     """
 
     ncut: float
@@ -52,6 +57,8 @@ class ClusterabilityResult:
     shuffled_isolated: np.ndarray
     layer_names: Tuple[str, ...] = ()
     layer_sizes: Tuple[int, ...] = ()
+    n_dead: Optional[int] = None
+    exclude_dead: bool = False
     mean: float = field(init=False)
     std: float = field(init=False)
     z: float = field(init=False)
@@ -100,6 +107,8 @@ class ClusterabilityResult:
             "num_nodes": int(self.num_nodes),
             "n_isolated": int(self.n_isolated),
             "n_components": int(self.n_components),
+            "n_dead": None if self.n_dead is None else int(self.n_dead),
+            "exclude_dead": bool(self.exclude_dead),
             "eigenvalues": [float(x) for x in self.eigenvalues],
             "shuffled_isolated_mean": num(float(self.shuffled_isolated.mean())) if self.shuffled_isolated.size else None,
             "layer_names": list(self.layer_names),
@@ -121,6 +130,8 @@ class ClusterabilityResult:
             ("z", f(self.z, "{:.2f}")),
             ("p (percentile)", f(self.p_value)),
             ("nodes", f"{self.num_nodes} ({self.n_isolated} isolated removed)"),
+            ("dead units", "n/a (not a chain)" if self.n_dead is None else
+             f"{self.n_dead}" + (" (excluded: live subgraph measured)" if self.exclude_dead else "")),
             ("components", str(self.n_components)),
         ]
         width = max(len(r[0]) for r in rows)
@@ -130,6 +141,18 @@ class ClusterabilityResult:
 
 
 # --------------------------------------------------------------------------- workers
+def _dead_mask(graph: WeightGraph, threshold: float) -> Optional[np.ndarray]:
+    """Dead-unit mask of a chain graph; ``None`` for graphs path flow is not defined on."""
+    from .flow import dead_units
+
+    try:
+        return dead_units(graph, threshold)
+    except ValueError as err:
+        if "chain" in str(err):
+            return None
+        raise
+
+
 def _shuffle_seeds(seed: int, index: int) -> Tuple[np.random.SeedSequence, np.random.SeedSequence]:
     """Independent (permutation, clustering) seeds of shuffle ``index``: depend on (seed, index) only."""
     perm, clus = np.random.SeedSequence(seed, spawn_key=(index,)).spawn(2)
@@ -186,6 +209,8 @@ def clusterability(
     refine: bool = True,
     progress: bool = False,
     dtype=None,
+    exclude_dead: bool = False,
+    dead_threshold: float = 1e-3,
 ) -> ClusterabilityResult:
     """How clusterable is a network's weight graph, and is that more than chance?
 
@@ -220,6 +245,11 @@ def clusterability(
         progress: show a progress bar on stderr.
         dtype: engine precision, ``numpy.float64`` or ``numpy.float32``; default float64 for
             graphs up to 131k weight entries, float32 above (``WeightGraph.engine_dtype``).
+        exclude_dead: measure the live subgraph only: units whose input-to-output path flow
+            is below ``dead_threshold`` x their layer's maximum are removed first, and the
+            shuffles are shuffles of the live subgraph. Dead units are always counted
+            (``n_dead``) for chain graphs.
+        dead_threshold: relative path flow below which a unit is dead.
 
     Returns:
         A :class:`ClusterabilityResult`.
@@ -232,7 +262,17 @@ def clusterability(
     if n_shuffles < 0:
         raise ValueError(f"n_shuffles must be >= 0, got {n_shuffles}")
     graph = as_graph(model_or_graph)
-    small, kept = graph.remove_isolated()
+    dead = _dead_mask(graph, dead_threshold)
+    measured, kept_live = graph, np.arange(graph.num_nodes)
+    if exclude_dead:
+        if dead is None:
+            raise ValueError("exclude_dead=True needs a chain graph (path flow is defined layer to layer); "
+                             "this graph has skip connections")
+        if dead.all():
+            raise ValueError("every unit is dead: the network has no input-to-output path")
+        measured, kept_live = graph.subgraph(~dead)
+    small, kept = measured.remove_isolated()
+    kept = kept_live[kept]
     if small.num_nodes < n_clusters:
         raise ValueError(
             f"n_clusters={n_clusters} is larger than the number of non-isolated nodes ({small.num_nodes} of "
@@ -291,10 +331,12 @@ def clusterability(
         shuffle=shuffle,
         seed=int(seed),
         num_nodes=graph.num_nodes,
-        n_isolated=graph.num_nodes - small.num_nodes,
+        n_isolated=measured.num_nodes - small.num_nodes,
         n_components=n_components,
         eigenvalues=part.eigenvalues,
         shuffled_isolated=isolated,
         layer_names=graph.layer_names,
         layer_sizes=graph.layer_sizes,
+        n_dead=None if dead is None else int(dead.sum()),
+        exclude_dead=bool(exclude_dead),
     )
