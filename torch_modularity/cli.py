@@ -53,6 +53,8 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shuffle", choices=SHUFFLE_METHODS, default="layer", help="shuffle method (default layer)")
     m.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     m.add_argument("--workers", type=int, default=None, help="worker processes for the shuffles (default: all CPUs)")
+    m.add_argument("--exclude-dead", action="store_true",
+                   help="measure the live subgraph: drop units on no input-to-output path first")
     m.add_argument("--json", action="store_true", help="print the full result as JSON")
     m.add_argument("--trust-checkpoint", action="store_true",
                    help="allow loading a pickled whole module (unpickling runs code from the file)")
@@ -78,6 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             shuffle=args.shuffle,
             seed=args.seed,
             n_workers=args.workers,
+            exclude_dead=args.exclude_dead,
             progress=not args.json and sys.stderr.isatty(),  # a bar in a terminal, quiet in logs
         )
     except (ValueError, TypeError) as err:
