@@ -4,7 +4,7 @@ Imported by the example scripts in this folder (run them as scripts: ``python ex
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -29,17 +29,19 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train(model: nn.Module, x, y, epochs: int, seed: int, batch_size: int = 128, lr: float = 1e-3,
           schedule=None, penalty: Optional[Callable[[], torch.Tensor]] = None,
-          log: Callable[[str], None] = print) -> torch.optim.Optimizer:
+          attach: Sequence[Callable] = (), log: Callable[[str], None] = print) -> torch.optim.Optimizer:
     """Adam training; the data order comes from a private generator seeded with ``seed``.
 
     Args:
         schedule: a ``PolynomialSparsity`` attached to the optimizer for the run (masks are
             updated after every step); without it existing prune masks stay fixed.
         penalty: a callable added to the loss at every step (e.g. a ``SpectralRegularizer``).
+        attach: callables such as ``monitor.attach`` that hook onto the optimizer and return
+            a handle; the handles are removed at the end.
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)  # a fresh optimizer, as the research code re-compiled
-    handle = schedule.attach(opt) if schedule is not None else None
+    handles = [hook(opt) for hook in ([schedule.attach] if schedule is not None else []) + list(attach)]
     loss_fn = nn.CrossEntropyLoss()
     try:
         for epoch in range(epochs):
@@ -56,6 +58,6 @@ def train(model: nn.Module, x, y, epochs: int, seed: int, batch_size: int = 128,
                 total += float(loss.detach()) * len(idx)
             log(f"  epoch {epoch + 1}/{epochs}: train loss {total / len(x):.4f}")
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
     return opt

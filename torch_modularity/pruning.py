@@ -709,11 +709,12 @@ class NetStats:
 
     Attributes:
         ncut: n-cut of its spectral partition (isolated nodes removed).
-        live_ncut: n-cut of the live subgraph only (units on some input-to-output path of
-            non-zero weights); equals ``ncut`` when no such non-isolated dead unit exists;
-            NaN when fewer than ``n_clusters`` live units are left.
+        live_ncut: n-cut of the live subgraph only (``clusterability(..., exclude_dead=True)``:
+            units whose input-to-output path flow is below 1e-3 of their layer's maximum are
+            removed); equals ``ncut`` when every dead unit is isolated anyway; NaN when fewer
+            than ``n_clusters`` live units are left.
         n_isolated: units without any non-zero weight (removed before clustering).
-        n_dead: units on no input-to-output path of non-zero weights (isolated included).
+        n_dead: dead units by :func:`torch_modularity.flow.dead_units` (isolated included).
         num_nodes: all units of the graph.
         n_weights: non-zero weights of the graph's layers.
     """
@@ -930,35 +931,21 @@ def _linear_weights(net: nn.Module) -> Tuple[List[torch.Tensor], Tuple[str, ...]
     return weights, graph.layer_names
 
 
-def _live_units(weights: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Per node layer: which units lie on an input-to-output path of non-zero weights."""
-    nz = [(w != 0).float() for w in weights]
-    forward = [torch.ones(nz[0].shape[1])]
-    for b in nz:
-        forward.append(((b @ forward[-1]) > 0).float())
-    backward = [torch.ones(nz[-1].shape[0])]
-    for b in reversed(nz):
-        backward.insert(0, ((b.t() @ backward[0]) > 0).float())
-    return [(f > 0) & (b > 0) for f, b in zip(forward, backward)]
-
-
 def _net_stats(net: nn.Module, result: ClusterabilityResult, n_clusters: int, seed: int, n_init: int,
                refine: bool) -> NetStats:
-    weights, names = _linear_weights(net)
-    live = _live_units(weights)
-    n_dead = int(sum(int((~l).sum()) for l in live))
+    weights, _ = _linear_weights(net)  # checks that the graph is the Linear chain
     live_ncut = float(result.ncut)
-    if n_dead > result.n_isolated:
-        # Edges touching a dead unit are dropped, which isolates exactly the dead units; the
-        # clusterability pipeline then removes them.
-        live_w = [w * live[i + 1][:, None].to(w.dtype) * live[i][None, :].to(w.dtype) for i, w in enumerate(weights)]
+    if result.n_dead and result.n_dead > result.n_isolated:
+        # Dead units that are not isolated could form clusters of their own: measure the
+        # live subgraph with the same settings (clusterability's own dead-unit rule).
         try:
-            live_ncut = float(clusterability(WeightGraph.from_weights(live_w, layer_names=names), n_clusters=n_clusters,
-                                             n_shuffles=0, seed=seed, n_init=n_init, refine=refine).ncut)
+            live_ncut = float(clusterability(net, n_clusters=n_clusters, n_shuffles=0, seed=seed, n_init=n_init,
+                                             refine=refine, exclude_dead=True).ncut)
         except ValueError:
             live_ncut = float("nan")  # fewer live units than clusters
-    return NetStats(ncut=float(result.ncut), live_ncut=live_ncut, n_isolated=int(result.n_isolated), n_dead=n_dead,
-                    num_nodes=int(result.num_nodes), n_weights=int(sum(int((w != 0).sum()) for w in weights)))
+    return NetStats(ncut=float(result.ncut), live_ncut=live_ncut, n_isolated=int(result.n_isolated),
+                    n_dead=int(result.n_dead or 0), num_nodes=int(result.num_nodes),
+                    n_weights=int(sum(int((w != 0).sum()) for w in weights)))
 
 
 def _run_finetune(net: nn.Module, finetune: Callable[[nn.Module], Any], seed: int, what: str) -> None:
