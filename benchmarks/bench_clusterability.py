@@ -2,7 +2,7 @@
 
 Runs in one process, side by side on the same graphs:
 
-- reference: the research code's pipeline, i.e. the symmetric CSR adjacency and
+- reference: the research code's pipeline (run with one BLAS thread, as ours), i.e. the symmetric CSR adjacency and
   ``sklearn.cluster.SpectralClustering(n_clusters=12, affinity="precomputed",
   eigen_solver="arpack", assign_labels="kmeans", n_init=25)`` (100 restarts above 2000 nodes,
   as the research code), scored with our ``ncut``;
@@ -127,7 +127,12 @@ def reference_labels(graph: WeightGraph, seed: int) -> np.ndarray:
     n_init = 100 if graph.num_nodes > 2000 else 25
     model = SpectralClustering(n_clusters=K, affinity="precomputed", eigen_solver="arpack",
                                assign_labels="kmeans", n_init=n_init, random_state=seed)
-    return model.fit(adjacency).labels_
+    # One BLAS thread, like our pipeline: on a busy 2-core machine multi-threaded BLAS spins
+    # and would make the reference look far slower than it is (performance.md measured both).
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn; covers its OpenMP too
+
+    with threadpool_limits(1):
+        return model.fit(adjacency).labels_
 
 
 def ours_labels(graph: WeightGraph, seed: int) -> np.ndarray:

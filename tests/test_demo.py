@@ -18,6 +18,11 @@ def test_demo_quick_run(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "n-cut" in proc.stdout
-    assert "z" in proc.stdout
-    assert (out_dir / "mlp.pt").is_file()
+    assert "n-cut" in proc.stdout and "tensorboard --logdir" in proc.stdout
+    for name in ("plain.pt", "regularized.pt", "pruned.pt", "report.md", "report.png"):
+        assert (out_dir / name).is_file(), name
+    report = (out_dir / "report.md").read_text()
+    for row in ("| plain |", "| regularized |", "| pruned (90%) |", "| random-pruned, trained values"):
+        assert row in report, row
+    for run in ("plain", "regularized"):  # one TensorBoard run per net, with event files
+        assert list((out_dir / "tb" / run).glob("events.out.tfevents.*")), run

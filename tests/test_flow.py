@@ -12,6 +12,15 @@ from torch_modularity.flow import dead_units, path_flow, remove_dead
 from torch_modularity.graph import WeightGraph
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: one BLAS thread is faster, and immune to a busy machine's straggling threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _brute_flow(weights):
     """flow(u) = sum over all input->output paths through u of prod |w|, by enumeration."""
     mats = [np.abs(w.detach().double().numpy()) for w in weights]

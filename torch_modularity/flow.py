@@ -176,23 +176,6 @@ def remove_dead(graph_or_model: GraphLike, threshold: float = 1e-3) -> Tuple[Wei
     """
     g = as_graph(graph_or_model)
     keep = ~dead_units(g, threshold)
-    off = g.layer_offsets
-    masks = [keep[off[l]:off[l + 1]] for l in range(len(g.layer_sizes))]
-    new_layer = -np.ones(len(g.layer_sizes), dtype=np.int64)
-    sizes, names, units = [], [], []
-    for l, m in enumerate(masks):
-        if m.any():
-            new_layer[l] = len(sizes)
-            sizes.append(int(m.sum()))
-            names.append(g.layer_names[l])
-            units.append(g._unit_index[l][m])
-    if not sizes:
+    if not keep.any():
         raise ValueError("every unit is dead: the network has no input-to-output path")
-    blocks = []
-    for b in g.blocks:
-        if new_layer[b.src] < 0 or new_layer[b.dst] < 0:
-            continue
-        rows = torch.from_numpy(np.nonzero(masks[b.dst])[0]).to(b.weight.device)
-        cols = torch.from_numpy(np.nonzero(masks[b.src])[0]).to(b.weight.device)
-        blocks.append((int(new_layer[b.src]), int(new_layer[b.dst]), b.weight.index_select(0, rows).index_select(1, cols)))
-    return WeightGraph(sizes, blocks, names, units), np.nonzero(keep)[0]
+    return g.subgraph(keep)

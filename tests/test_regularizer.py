@@ -1,0 +1,483 @@
+"""SpectralRegularizer: value, exact gradient, stability, ReLU rescaling, state, DDP, bad inputs."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from torch_modularity.regularizer import DisconnectedGraphWarning, SpectralRegularizer, normalize_relu_
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny problems: one BLAS thread is faster, and immune to a busy machine's straggling threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _mlp(sizes, seed=0, dtype=torch.float64, act=nn.ReLU, flatten=False):
+    gen = torch.Generator().manual_seed(seed)
+    layers = [nn.Flatten()] if flatten else []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(a, b, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(b, a, generator=gen, dtype=dtype) / math.sqrt(a))
+            lin.bias.copy_(0.1 * torch.randn(b, generator=gen, dtype=dtype))
+        layers.append(lin)
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _planted_mlp(planted_weights, sizes, k=3, seed=0):
+    """An MLP whose weights have k planted modules: well separated small eigenvalues."""
+    weights, _ = planted_weights(sizes, k=k, seed=seed)
+    model = _mlp(sizes, seed=seed)
+    with torch.no_grad():
+        for lin, w in zip(_linears(model), weights):
+            lin.weight.copy_(w)
+    return model
+
+
+def _linears(model):
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def _dense_laplacian_torch(weights):
+    """L = I - D^-1/2 |A| D^-1/2 of the chain, built densely in torch (differentiable)."""
+    sizes = [weights[0].shape[1]] + [w.shape[0] for w in weights]
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    n = int(off[-1])
+    a = weights[0].new_zeros(n, n)
+    for l, w in enumerate(weights):
+        a[off[l + 1]:off[l + 2], off[l]:off[l + 1]] = w.abs()
+        a[off[l]:off[l + 1], off[l + 1]:off[l + 2]] = w.abs().T
+    s = a.sum(dim=1).rsqrt()
+    return torch.eye(n, dtype=a.dtype) - s[:, None] * a * s[None, :]
+
+
+def _dense_sum(weights, n_eigs):
+    return torch.linalg.eigvalsh(_dense_laplacian_torch(weights))[1:n_eigs + 1].sum()
+
+
+def _grads(model, value):
+    ws = [lin.weight for lin in _linears(model)]
+    return torch.autograd.grad(value, ws)
+
+
+def _rel(a, b):
+    num = sum(float(((x - y) ** 2).sum()) for x, y in zip(a, b))
+    den = sum(float((y ** 2).sum()) for y in b)
+    return math.sqrt(num / den)
+
+
+SIZES = [20, 16, 12, 8, 5]
+
+
+# ----------------------------------------------------------------------------- value and gradient
+@pytest.mark.parametrize("n_eigs", [2, 4])
+def test_value_and_gradient_match_dense_eigh(planted_weights, n_eigs):
+    model = _planted_mlp(planted_weights, SIZES, k=3, seed=1)
+    ws = [lin.weight for lin in _linears(model)]
+    ev = torch.linalg.eigvalsh(_dense_laplacian_torch([w.detach() for w in ws]))
+    gap = float(ev[n_eigs + 1] - ev[n_eigs])
+    assert gap > 1e-3  # the test needs lambda_{k+1} > lambda_k
+    reg = SpectralRegularizer(model, n_eigs=n_eigs, weight=0.7, tol=1e-13)
+    value = reg()
+    assert value.dim() == 0 and value.dtype == torch.float64
+    exact = _dense_sum(ws, n_eigs)
+    assert abs(value.item() - 0.7 * exact.item()) < 1e-12
+    np.testing.assert_allclose(reg.eigenvalues().numpy(), ev[1:n_eigs + 1].numpy(), atol=1e-12)
+    g_ours = _grads(model, value)
+    g_ref = [0.7 * g for g in _grads(model, exact)]
+    assert _rel(g_ours, g_ref) < 1e-10
+
+
+def test_gradient_matches_central_finite_differences(planted_weights):
+    model = _planted_mlp(planted_weights, SIZES, k=3, seed=2)
+    reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, tol=1e-13)
+    grads = _grads(model, reg())
+    gen = torch.Generator().manual_seed(0)
+    directions = [torch.randn(lin.weight.shape, generator=gen, dtype=torch.float64) for lin in _linears(model)]
+    predicted = sum(float((g * d).sum()) for g, d in zip(grads, directions))
+    h = 1e-5
+    values = []
+    for sign in (1.0, -1.0):
+        moved = copy.deepcopy(model)
+        with torch.no_grad():
+            for lin, d in zip(_linears(moved), directions):
+                lin.weight.add_(sign * h * d)
+        values.append(SpectralRegularizer(moved, n_eigs=3, weight=1.0, tol=1e-13)().item())
+    fd = (values[0] - values[1]) / (2 * h)
+    assert abs(fd - predicted) < 1e-6 * max(1.0, abs(predicted))
+
+
+def test_float32_model(planted_weights):
+    model = _planted_mlp(planted_weights, SIZES, k=3, seed=3).float()
+    reg = SpectralRegularizer(model, n_eigs=3)
+    value = reg()
+    assert value.dtype == torch.float32
+    g = _grads(model, value)
+    assert all(x.dtype == torch.float32 for x in g)
+    ws64 = [lin.weight.detach().double().requires_grad_(True) for lin in _linears(model)]
+    exact = reg.weight * _dense_sum(ws64, 3)
+    assert abs(value.item() - exact.item()) < 1e-5 * reg.weight * 3
+    ref = torch.autograd.grad(exact, ws64)
+    assert _rel([x.double() for x in g], ref) < 1e-4
+
+
+def test_warm_started_training_keeps_the_gradient_exact(planted_weights):
+    """A few SGD steps: each step's warm-started gradient still matches dense eigh."""
+    model = _planted_mlp(planted_weights, SIZES, k=3, seed=4)
+    reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, tol=1e-12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(4):
+        opt.zero_grad()
+        value = reg()
+        value.backward()
+        ws = [lin.weight.detach().clone().requires_grad_(True) for lin in _linears(model)]
+        ref = torch.autograd.grad(_dense_sum(ws, 3), ws)
+        assert _rel([lin.weight.grad for lin in _linears(model)], ref) < 1e-9
+        opt.step()
+    assert reg.steps == 4 and reg.last_result.iterations <= 4
+
+
+def test_every_reuses_the_block_between_recomputes(planted_weights):
+    model = _planted_mlp(planted_weights, SIZES, k=3, seed=5)
+    reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, every=3, tol=1e-12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    results, errors = [], []
+    for step in range(6):
+        opt.zero_grad()
+        value = reg()
+        value.backward()
+        results.append(reg.last_result)
+        ws = [lin.weight.detach().clone().requires_grad_(True) for lin in _linears(model)]
+        ref = torch.autograd.grad(_dense_sum(ws, 3), ws)
+        errors.append(_rel([lin.weight.grad for lin in _linears(model)], ref))
+        opt.step()
+    assert results[0] is results[1] is results[2] and results[3] is results[4] is results[5]
+    assert results[2] is not results[3]
+    assert errors[0] < 1e-9 and errors[3] < 1e-9  # fresh eigenvectors: exact
+    assert 1e-9 < errors[1] < 0.1 and 1e-9 < errors[4] < 0.1  # stale: approximate, still close
+
+
+# ----------------------------------------------------------------------------- stability
+def test_finite_on_random_init_with_tiny_gaps():
+    torch.manual_seed(0)  # default nn.Linear init, as users have it
+    model = nn.Sequential(nn.Flatten(), nn.Linear(100, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    reg = SpectralRegularizer(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        value = reg()
+        assert torch.isfinite(value)
+        value.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+    ev = reg.eigenvalues()
+    assert ev.shape == (11,) and torch.isfinite(ev).all() and (ev >= -1e-6).all()
+
+
+def test_finite_with_exactly_degenerate_eigenvalues():
+    model = _mlp([6, 6, 6])
+    with torch.no_grad():
+        for lin in _linears(model):
+            lin.weight.fill_(0.5)  # complete bipartite layers: massively degenerate spectrum
+    reg = SpectralRegularizer(model, n_eigs=3)
+    value = reg()
+    (g0, g1) = _grads(model, value)
+    assert torch.isfinite(value) and torch.isfinite(g0).all() and torch.isfinite(g1).all()
+
+
+def test_disconnection_is_reported_once_and_training_continues():
+    model = _mlp([8, 6, 6, 4], seed=7)
+    with torch.no_grad():
+        lin = _linears(model)
+        lin[0].weight[2].zero_()
+        lin[1].weight[:, 2].zero_()  # hidden unit 2 of layer 1: isolated
+    with pytest.warns(DisconnectedGraphWarning):
+        reg = SpectralRegularizer(model, n_eigs=3)
+        value = reg()
+    assert reg.disconnected and reg.n_isolated == 1
+    g = _grads(model, value)
+    assert torch.isfinite(value) and all(torch.isfinite(x).all() for x in g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg()  # no second warning
+    # Two separate components: block-diagonal weights.
+    model2 = _mlp([4, 4, 4], seed=8)
+    with torch.no_grad():
+        for lin in _linears(model2):
+            lin.weight[:2, 2:] = 0.0
+            lin.weight[2:, :2] = 0.0
+    with pytest.warns(DisconnectedGraphWarning):
+        reg2 = SpectralRegularizer(model2, n_eigs=2)
+        value2 = reg2()
+    assert reg2.n_components == 2 and reg2.disconnected
+    assert abs(float(reg2.eigenvalues()[0])) < 1e-9  # lambda_2 = 0
+    assert all(torch.isfinite(x).all() for x in _grads(model2, value2))
+
+
+# ----------------------------------------------------------------------------- ReLU rescaling
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_normalize_relu_preserves_the_function(dtype, tol):
+    model = _mlp([10, 16, 12, 4], seed=9, dtype=dtype)
+    with torch.no_grad():
+        _linears(model)[0].weight.mul_(7.0)  # far from normalized
+    x = torch.randn(32, 10, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    before = model(x).detach()
+    scales = normalize_relu_(model)
+    after = model(x).detach()
+    assert len(scales) == 2
+    assert float((after - before).abs().max()) <= tol * max(1.0, float(before.abs().max()))
+    for lin in _linears(model)[:-1]:
+        norms = torch.sqrt((lin.weight.detach().double() ** 2).sum(1) + lin.bias.detach().double() ** 2)
+        np.testing.assert_allclose(norms.numpy(), math.sqrt(2.0), rtol=1e-5)
+
+
+def test_normalize_relu_with_pruning_and_leaky_relu():
+    import torch.nn.utils.prune as prune
+
+    model = _mlp([8, 10, 6, 3], seed=10, act=nn.LeakyReLU)
+    prune.random_unstructured(_linears(model)[1], "weight", amount=0.4)
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    before = model(x)
+    normalize_relu_(model)
+    assert torch.allclose(model(x), before, atol=1e-12)
+
+
+def test_normalize_relu_refuses_non_homogeneous_activations():
+    with pytest.raises(ValueError, match="Tanh"):
+        normalize_relu_(_mlp([4, 5, 3], act=nn.Tanh))
+    with pytest.raises(ValueError, match="Tanh"):
+        SpectralRegularizer(_mlp([4, 5, 3], act=nn.Tanh), n_eigs=2, normalize_relu=True)
+
+
+def test_normalize_relu_option_runs_before_each_training_forward():
+    model = _mlp([10, 16, 12, 4], seed=11)
+    with torch.no_grad():
+        _linears(model)[0].weight.mul_(5.0)
+    x = torch.randn(8, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    reference = model(x).detach()
+    reg = SpectralRegularizer(model, n_eigs=3, normalize_relu=True)
+    model.eval()
+    model(x)
+    assert float(_linears(model)[0].weight.detach().abs().max()) > 2.0  # eval forward: untouched
+    model.train()
+    out = model(x)
+    loss = out.square().mean() + reg()
+    loss.backward()  # no in-place error: rescaled before the forward
+    assert torch.allclose(out, reference, atol=1e-12)
+    lin = _linears(model)[0]
+    norms = torch.sqrt((lin.weight ** 2).sum(1) + lin.bias ** 2)
+    assert torch.allclose(norms, torch.full_like(norms, math.sqrt(2.0)))
+    # reg() before the forward: the rescaling waits for the next forward (no in-place error).
+    with torch.no_grad():
+        lin.weight.mul_(3.0)
+    penalty = reg()
+    out = model(x)
+    (out.square().mean() + penalty).backward()
+    assert not torch.allclose(torch.sqrt((lin.weight ** 2).sum(1) + lin.bias ** 2), norms)
+    model(x)
+    assert torch.allclose(torch.sqrt((lin.weight ** 2).sum(1) + lin.bias ** 2), norms)
+    reg.remove()
+    with torch.no_grad():
+        lin.weight.mul_(3.0)
+    model(x)
+    assert not torch.allclose(torch.sqrt((lin.weight ** 2).sum(1) + lin.bias ** 2), norms)
+
+
+# ----------------------------------------------------------------------------- state, RNG, device
+def _train(model, reg, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        x = torch.randn(16, model[0].in_features, generator=gen, dtype=torch.float64)
+        opt.zero_grad()
+        (model(x).square().mean() + reg()).backward()
+        opt.step()
+    return opt
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    model = _mlp([12, 10, 8, 4], seed=12)
+    reg = SpectralRegularizer(model, n_eigs=3, every=2)
+    opt = _train(model, reg, 3, seed=0)
+    state = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
+             "reg": copy.deepcopy(reg.state_dict())}
+    _continue(model, reg, opt, 3)
+
+    model2 = _mlp([12, 10, 8, 4], seed=99)
+    model2.load_state_dict(state["model"])
+    reg2 = SpectralRegularizer(model2, n_eigs=3, every=2)
+    reg2.load_state_dict(state["reg"])
+    opt2 = torch.optim.Adam(model2.parameters(), lr=1e-2)
+    opt2.load_state_dict(state["opt"])
+    assert reg2.steps == 3
+    _continue(model2, reg2, opt2, 3)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert torch.equal(reg.eigenvalues(), reg2.eigenvalues())
+    with pytest.raises(ValueError, match="n_eigs"):
+        SpectralRegularizer(model2, n_eigs=2).load_state_dict(state["reg"])
+    with pytest.raises(ValueError, match="layer sizes"):
+        SpectralRegularizer(_mlp([12, 9, 8, 4]), n_eigs=3).load_state_dict(state["reg"])
+
+
+def _continue(model, reg, opt, steps):
+    gen = torch.Generator().manual_seed(123)
+    for _ in range(steps):
+        x = torch.randn(16, 12, generator=gen, dtype=torch.float64)
+        opt.zero_grad()
+        (model(x).square().mean() + reg()).backward()
+        opt.step()
+
+
+def test_global_rng_untouched_and_seeded():
+    model = _mlp([12, 10, 8, 4], seed=13)
+    state = torch.random.get_rng_state()
+    a = SpectralRegularizer(model, n_eigs=3, cold_iter=1, tol=0.0, seed=5)
+    b = SpectralRegularizer(model, n_eigs=3, cold_iter=1, tol=0.0, seed=5)
+    va, vb = a(), b()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert va.item() == vb.item() and torch.equal(a.last_result.block, b.last_result.block)
+
+
+def test_eigenvalues_before_first_call_and_gradients_on_own_dtype():
+    model = _mlp([12, 10, 8, 4], seed=14, dtype=torch.float32)
+    reg = SpectralRegularizer(model, n_eigs=3)
+    ev = reg.eigenvalues()
+    assert ev.shape == (3,) and not ev.requires_grad and reg.steps == 0
+    value = reg()
+    assert value.requires_grad and value.dtype == torch.float32
+    value.backward()
+    assert all(lin.weight.grad.dtype == torch.float32 for lin in _linears(model))
+    assert all(lin.bias.grad is None for lin in _linears(model))  # biases are not in the graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_model(planted_weights):
+    model = _planted_mlp(planted_weights, SIZES, k=3, seed=15)
+    cpu_value = SpectralRegularizer(model, n_eigs=3, tol=1e-12)().item()
+    model = model.cuda()
+    reg = SpectralRegularizer(model, n_eigs=3, tol=1e-12)
+    value = reg()
+    assert value.device.type == "cuda" and abs(value.item() - cpu_value) < 1e-10
+    value.backward()
+    assert all(lin.weight.grad.device.type == "cuda" for lin in _linears(model))
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs():
+    model = _mlp([4, 3, 2])
+    with pytest.raises(ValueError, match="n_eigs"):
+        SpectralRegularizer(model, n_eigs=9)  # 9 nodes: needs n_eigs + 1 <= 9
+    SpectralRegularizer(model, n_eigs=8)
+    with pytest.raises(ValueError, match="n_eigs"):
+        SpectralRegularizer(model, n_eigs=0)
+    with pytest.raises(ValueError, match="every"):
+        SpectralRegularizer(model, n_eigs=2, every=0)
+    with pytest.raises(ValueError, match="weight"):
+        SpectralRegularizer(model, n_eigs=2, weight=float("nan"))
+    with pytest.raises(TypeError):
+        SpectralRegularizer(model, n_eigs=2.5)
+    with pytest.raises(TypeError):
+        SpectralRegularizer("not a model")
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        SpectralRegularizer(nn.Sequential(nn.ReLU()))
+    with pytest.raises(TypeError, match="Conv2d"):
+        SpectralRegularizer(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)))
+
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.c(self.b(h).relu() + h)
+
+    with pytest.raises(TypeError, match="chain"):
+        SpectralRegularizer(Skip(), n_eigs=2)
+    bad = _mlp([4, 3, 2])
+    with torch.no_grad():
+        bad[2].weight[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"'2\.weight'"):
+        SpectralRegularizer(bad, n_eigs=2)
+    reg = SpectralRegularizer(model, n_eigs=2)
+    reg()
+    with torch.no_grad():
+        model[0].weight[1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"'0\.weight'"):
+        reg()
+
+
+# ----------------------------------------------------------------------------- DDP
+DDP_SIZES = [6, 8, 8, 3]
+DDP_STEPS = 4
+
+
+def _ddp_model():
+    return _mlp(DDP_SIZES, seed=21)
+
+
+def _ddp_data():
+    gen = torch.Generator().manual_seed(22)
+    return torch.randn(8, DDP_SIZES[0], generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen)
+
+
+def _ddp_train(model, wrapped, x, y, steps):
+    reg = SpectralRegularizer(wrapped, n_eigs=3, weight=0.5, normalize_relu=True, tol=1e-12)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    penalties = []
+    for _ in range(steps):
+        opt.zero_grad()
+        out = wrapped(x)  # forward first: normalize_relu rescales in the forward pre-hook
+        penalty = reg()
+        loss = nn.functional.cross_entropy(out, y) + penalty
+        loss.backward()
+        opt.step()
+        penalties.append(penalty.item())
+    return penalties
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = _ddp_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x, y = _ddp_data()
+        half = len(x) // world
+        pens = _ddp_train(model, ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half], DDP_STEPS)
+        torch.save({"state": model.state_dict(), "penalties": pens}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    init_file = tmp_path / "init"
+    mp.spawn(_ddp_worker, args=(2, str(init_file), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    for key in r0["state"]:
+        assert torch.equal(r0["state"][key], r1["state"][key]), key
+    assert r0["penalties"] == r1["penalties"]
+    # Single process on the full batch: the DDP-averaged gradient is mean(CE grads) + penalty grad.
+    model = _ddp_model()
+    x, y = _ddp_data()
+    pens = _ddp_train(model, model, x, y, DDP_STEPS)
+    for key, value in model.state_dict().items():
+        assert torch.allclose(value, r0["state"][key], atol=1e-12, rtol=0), key
+    np.testing.assert_allclose(pens, r0["penalties"], atol=1e-12)
