@@ -36,21 +36,9 @@ from torch_modularity.flow import dead_units
 from torch_modularity.graph import WeightGraph
 from torch_modularity.regularizer import DEFAULT_N_EIGS, DEFAULT_WEIGHT, SpectralRegularizer
 
+from mnist_mlp import accuracy, make_mlp
+
 SIZES = (784, 256, 256, 256, 256, 10)
-
-
-def make_mlp(sizes=SIZES) -> nn.Sequential:
-    layers = [nn.Flatten()]
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
 
 
 def train(model, x, y, epochs: int, seed: int, reg=None, batch_size: int = 128, lr: float = 1e-3, log=print):

@@ -116,3 +116,12 @@ def dense_laplacian():
 @pytest.fixture
 def brute_ncut():
     return _brute_ncut
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny problems: one thread is faster, and immune to a busy machine's straggling threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

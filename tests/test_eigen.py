@@ -15,13 +15,7 @@ from torch_modularity.eigen import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one BLAS thread is faster, and immune to a busy machine's straggling threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SIZES = [40, 24, 24, 16, 10]

@@ -12,13 +12,7 @@ from torch_modularity.flow import dead_units, path_flow, remove_dead
 from torch_modularity.graph import WeightGraph
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one BLAS thread is faster, and immune to a busy machine's straggling threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _brute_flow(weights):

@@ -16,13 +16,7 @@ from torch import nn
 from torch_modularity.regularizer import DisconnectedGraphWarning, SpectralRegularizer, normalize_relu_
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one BLAS thread is faster, and immune to a busy machine's straggling threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mlp(sizes, seed=0, dtype=torch.float64, act=nn.ReLU, flatten=False):

@@ -388,25 +388,10 @@ class WeightGraph:
         When it exists the graph is bipartite (a chain always is), which the spectral
         engine exploits.
         """
-        colour = -np.ones(len(self._sizes), dtype=np.int64)
-        neighbours = [[] for _ in self._sizes]
-        for b in self._blocks:
-            neighbours[b.src].append(b.dst)
-            neighbours[b.dst].append(b.src)
-        for start in range(len(self._sizes)):
-            if colour[start] >= 0:
-                continue
-            colour[start] = 0
-            stack = [start]
-            while stack:
-                u = stack.pop()
-                for v in neighbours[u]:
-                    if colour[v] < 0:
-                        colour[v] = 1 - colour[u]
-                        stack.append(v)
-                    elif colour[v] == colour[u]:
-                        return None
-        return colour
+        from .eigen import layer_coloring  # the one implementation, shared with the torch solver
+
+        colour = layer_coloring(len(self._sizes), [(b.src, b.dst) for b in self._blocks])
+        return None if colour is None else np.asarray(colour, dtype=np.int64)
 
     def connected_components(self) -> Tuple[int, np.ndarray]:
         """Number of connected components and the component id of every node."""
