@@ -24,7 +24,7 @@ from torch_modularity.monitor import (
 )
 
 K = 3
-TAGS = ["ncut", "n_components", "n_isolated"]
+TAGS = ["ncut", "n_components", "n_isolated", "n_dead", "live_ncut"]
 SHUFFLE_TAGS = ["shuffle_mean", "shuffle_std", "z", "p_value"]
 
 
@@ -130,7 +130,7 @@ def test_user_writer_is_flushed_not_closed_and_history_matches_library(tmp_path)
     assert rec == monitor.history[0]
     assert rec["ncut"] == pytest.approx(clusterability(model, n_clusters=K, n_shuffles=0, seed=0).ncut, abs=1e-12)
     tags = set(_events(tmp_path).Tags()["scalars"])
-    assert tags == {"mod/ncut", "mod/n_components", "mod/n_isolated", "after/close"}
+    assert tags == {"mod/ncut", "mod/n_components", "mod/n_isolated", "mod/n_dead", "mod/live_ncut", "after/close"}
 
 
 def test_no_writer_records_history_only(tmp_path, monkeypatch):
@@ -398,3 +398,16 @@ def test_ddp_two_process_gloo_only_rank0_measures_and_writes(tmp_path):
     assert r1 == {"history": 0, "step": 3, "reg_calls": 0}  # counted, but nothing measured
     assert not (tmp_path / "rank1").exists()  # no writer, no event file on rank 1
     assert [e.step for e in _events(tmp_path / "rank0").Scalars("clusterability/ncut")] == [1, 2, 3]
+
+
+def test_dead_units_and_live_ncut_are_logged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 6))
+    with torch.no_grad():
+        model[2].weight[:, :4] *= 1e-7  # hidden units 0-3 feed nothing forward: dead, not isolated
+    monitor = ClusterabilityMonitor(model, every=1, n_clusters=3)
+    monitor.step(0)
+    record = monitor.history[-1]
+    assert record["n_dead"] == 4 and record["n_isolated"] == 0
+    live = clusterability(model, n_clusters=3, n_shuffles=0, seed=0, exclude_dead=True)
+    assert record["live_ncut"] == pytest.approx(live.ncut, abs=1e-12)

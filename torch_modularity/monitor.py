@@ -21,6 +21,8 @@ is written to TensorBoard under hierarchical ``add_scalar`` tags (never ``add_sc
     clusterability/p_value         /
     clusterability/n_components    connected components of the non-isolated graph
     clusterability/n_isolated      isolated (degree-0) units left out
+    clusterability/n_dead          units on no input-to-output path (path flow; chains only)
+    clusterability/live_ncut       n-cut of the live subgraph (dead units removed; chains only)
     clusterability/cluster_sizes   histogram of the k cluster sizes
     clusterability/adjacency       image: |W| adjacency sorted by cluster (every figure_every steps)
     clusterability/regularizer     value of the regularizer passed, at the measured weights
@@ -172,9 +174,9 @@ def _worker_init() -> None:
     """Background worker: one BLAS/torch thread (training keeps the cores), ignore Ctrl-C (the
     parent decides when to stop; pending measurements are finished and logged by close())."""
     try:
-        from .measure import _limit_threads
+        from ._threads import limit_threads
 
-        _limit_threads(1)
+        limit_threads(1)
     except Exception:  # pragma: no cover - best effort
         torch.set_num_threads(1)
     if hasattr(signal, "SIGINT"):
@@ -182,13 +184,23 @@ def _worker_init() -> None:
 
 
 def _measure_job(snapshot: _Snapshot, n_clusters: int, n_shuffles: int, seed: int, kwargs: Dict[str, Any],
-                 figure: bool, figure_size: int) -> Tuple[ClusterabilityResult, Optional[np.ndarray], float]:
-    """Measure one snapshot (in the worker process or in-process): result, optional image, seconds."""
+                 figure: bool, figure_size: int) -> Tuple[ClusterabilityResult, Optional[np.ndarray], float, float]:
+    """Measure one snapshot (in the worker process or in-process): result, optional image,
+    seconds, and the live-subgraph n-cut (the same as the n-cut when no dead unit is left in)."""
     t0 = time.perf_counter()
     graph = _graph_of(snapshot)
     result = clusterability(graph, n_clusters=n_clusters, n_shuffles=n_shuffles, seed=seed, **kwargs)
+    live_ncut = float(result.ncut)
+    if result.n_dead and result.n_dead > result.n_isolated and not result.exclude_dead:
+        # Dead units can pass for modules: also report the n-cut of the live subgraph.
+        live_kwargs = {k: v for k, v in kwargs.items() if k not in ("exclude_dead", "progress", "executor")}
+        try:
+            live_ncut = float(clusterability(graph, n_clusters=n_clusters, n_shuffles=0, seed=seed,
+                                             exclude_dead=True, **live_kwargs).ncut)
+        except ValueError:
+            live_ncut = float("nan")  # fewer live units than clusters
     image = adjacency_image(graph, result.labels, figure_size) if figure else None
-    return result, image, time.perf_counter() - t0
+    return result, image, time.perf_counter() - t0, live_ncut
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
@@ -324,7 +336,8 @@ class ClusterabilityMonitor:
 
     Attributes:
         history: one dict per logged measurement, in step order (``step``, ``ncut``,
-            ``n_components``, ``n_isolated``, ``num_nodes``, ``cluster_sizes``, ``seconds``;
+            ``n_components``, ``n_isolated``, ``n_dead``, ``live_ncut``, ``num_nodes``,
+            ``cluster_sizes``, ``seconds``;
             ``n_shuffles``, ``shuffle_mean``, ``shuffle_std``, ``z``, ``p_value`` with shuffles;
             ``regularizer``, ``eigenvalues`` with a regularizer).
         last_result: the last :class:`ClusterabilityResult` logged (labels included).
@@ -502,8 +515,8 @@ class ClusterabilityMonitor:
         args = (snapshot, self.n_clusters, self.n_shuffles, self.seed, self.clusterability_kwargs, figure,
                 self.figure_size)
         if not self.background:
-            result, image, seconds = _measure_job(*args)
-            return self._log(step, result, image, seconds, extra)
+            result, image, seconds, live_ncut = _measure_job(*args)
+            return self._log(step, result, image, seconds, dict(extra, live_ncut=live_ncut))
         error: Optional[BackgroundMeasurementError] = None
         while len(self._pending) >= self.max_pending:
             try:
@@ -623,7 +636,7 @@ class ClusterabilityMonitor:
             self._pending.popleft()
             done += 1
             try:
-                result, image, seconds = future.result()
+                result, image, seconds, live_ncut = future.result()
             except BaseException as exc:
                 if isinstance(exc, cf.process.BrokenProcessPool) and self._pool is not None:
                     self._pool.shutdown(wait=False, cancel_futures=True)
@@ -631,7 +644,7 @@ class ClusterabilityMonitor:
                 raise BackgroundMeasurementError(
                     f"background clusterability measurement of step {step} failed: {type(exc).__name__}: {exc}", step
                 ) from exc
-            self._log(step, result, image, seconds, extra)
+            self._log(step, result, image, seconds, dict(extra, live_ncut=live_ncut))
 
     def _regularizer_values(self) -> Dict[str, Any]:
         reg = self.regularizer
@@ -669,6 +682,7 @@ class ClusterabilityMonitor:
             "ncut": float(result.ncut),
             "n_components": int(result.n_components),
             "n_isolated": int(result.n_isolated),
+            "n_dead": None if result.n_dead is None else int(result.n_dead),
             "num_nodes": int(result.num_nodes),
             "cluster_sizes": [int(s) for s in sizes],
         }
@@ -687,6 +701,8 @@ class ClusterabilityMonitor:
             if result.n_shuffles:
                 scalars += [(k, record[k]) for k in ("shuffle_mean", "shuffle_std", "z", "p_value")]
             scalars += [("n_components", record["n_components"]), ("n_isolated", record["n_isolated"])]
+            if record["n_dead"] is not None:
+                scalars += [("n_dead", record["n_dead"]), ("live_ncut", record["live_ncut"])]
             if "regularizer" in record:
                 scalars.append(("regularizer", record["regularizer"]))
             scalars += [(f"eigs/{i}", v) for i, v in enumerate(record.get("eigenvalues", []))]
