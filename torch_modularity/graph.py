@@ -27,6 +27,18 @@ _SPARSE_MIN_ENTRIES = 1 << 16
 _SPARSE_DENSITY = 0.25
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DataParallel / DistributedDataParallel / ``torch.compile`` wrappers."""
+    for _ in range(8):  # wrappers can nest (compile of DDP, ...); never loop forever
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
 def _sums(w, axis: int) -> np.ndarray:
     """Row (axis=1) or column (axis=0) sums of a dense tensor or CSR block, float64."""
     if sp.issparse(w):

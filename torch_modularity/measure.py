@@ -19,6 +19,20 @@ from .spectral import _cluster_blocks
 __all__ = ["ClusterabilityResult", "clusterability"]
 
 
+def baseline_stats(value: float, baseline) -> Tuple[float, float, float, float]:
+    """``(mean, std, z, p)`` of ``value`` against a baseline sample (NaN for an empty one).
+
+    ``std`` is the population SD (ddof 0) and ``p = (1 + #{baseline < value}) / (n + 1)``, the
+    one-sided Monte-Carlo p-value, as in the research code; ``z`` is NaN when ``std`` is 0.
+    """
+    s = np.asarray(baseline, dtype=np.float64)
+    if s.size == 0:
+        return (float("nan"),) * 4
+    mean, std = float(s.mean()), float(s.std())
+    z = (float(value) - mean) / std if std > 0 else float("nan")
+    return mean, std, z, float((1 + np.sum(s < value)) / (s.size + 1))
+
+
 @dataclass
 class ClusterabilityResult:
     """What :func:`clusterability` measured. Lower n-cut = more clusterable.
@@ -65,15 +79,8 @@ class ClusterabilityResult:
     p_value: float = field(init=False)
 
     def __post_init__(self) -> None:
-        s = np.asarray(self.shuffled_ncuts, dtype=np.float64)
-        self.shuffled_ncuts = s
-        if s.size == 0:
-            self.mean = self.std = self.z = self.p_value = float("nan")
-            return
-        self.mean = float(s.mean())
-        self.std = float(s.std())  # population SD (ddof 0), as the research code
-        self.z = (self.ncut - self.mean) / self.std if self.std > 0 else float("nan")
-        self.p_value = float((1 + np.sum(s < self.ncut)) / (s.size + 1))
+        self.shuffled_ncuts = np.asarray(self.shuffled_ncuts, dtype=np.float64)
+        self.mean, self.std, self.z, self.p_value = baseline_stats(self.ncut, self.shuffled_ncuts)
 
     @property
     def n_shuffles(self) -> int:

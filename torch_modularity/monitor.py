@@ -56,7 +56,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .graph import WeightGraph
+from .graph import WeightGraph, unwrap_model as _unwrap
 from .measure import ClusterabilityResult, clusterability
 
 __all__ = [
@@ -94,16 +94,6 @@ def is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    for _ in range(8):
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            break
-    return model
 
 
 def _snapshot(model: nn.Module) -> _Snapshot:

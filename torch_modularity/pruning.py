@@ -41,7 +41,7 @@ from torch.nn.utils import prune
 
 from .checkpoint import load_model_or_state_dict
 from .graph import WeightGraph
-from .measure import ClusterabilityResult, clusterability
+from .measure import ClusterabilityResult, baseline_stats, clusterability
 
 __all__ = [
     "magnitude_prune",
@@ -760,16 +760,9 @@ class Baseline:
     p_value: float = field(init=False)
 
     def __post_init__(self) -> None:
-        s = np.asarray(self.ncuts, dtype=np.float64)
-        self.ncuts = s
+        self.ncuts = np.asarray(self.ncuts, dtype=np.float64)
         self.n_isolated = np.asarray(self.n_isolated, dtype=np.int64)
-        if s.size == 0:
-            self.mean = self.std = self.z = self.p_value = float("nan")
-            return
-        self.mean = float(s.mean())
-        self.std = float(s.std())  # population SD (ddof 0), as clusterability and the research code
-        self.z = (float(self.ncut) - self.mean) / self.std if self.std > 0 else float("nan")
-        self.p_value = float((1 + np.sum(s < self.ncut)) / (s.size + 1))
+        self.mean, self.std, self.z, self.p_value = baseline_stats(self.ncut, self.ncuts)
 
     @property
     def n(self) -> int:

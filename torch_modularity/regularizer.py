@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from .eigen import EigResult, _safe_rsqrt, chebyshev_eigs, default_tol
-from .graph import WeightGraph
+from .graph import WeightGraph, unwrap_model as _unwrap
 
 __all__ = [
     "SpectralRegularizer",
@@ -75,18 +75,6 @@ class DisconnectedGraphWarning(UserWarning):
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Flatten)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel / ``torch.compile`` wrappers."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
-            model = model._orig_mod
-        else:
-            break
-    return model
 
 
 def _linear_chain(module: nn.Module) -> List[Tuple[str, nn.Linear]]:

@@ -60,7 +60,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from .graph import WeightGraph
+from .graph import WeightGraph, unwrap_model as _unwrap
 
 __all__ = [
     "graph_from_module",
@@ -1022,16 +1022,6 @@ def _linear_chain(model: nn.Module) -> Optional[WeightGraph]:
         return None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DataParallel / DistributedDataParallel / torch.compile wrappers,
-    so that node layers are named by the user's module paths."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 # ----------------------------------------------------------------------------- public API
