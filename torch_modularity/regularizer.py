@@ -51,6 +51,7 @@ from torch import nn
 
 from .eigen import EigResult, _safe_rsqrt, chebyshev_eigs, default_tol
 from .graph import WeightGraph, unwrap_model as _unwrap
+from .trace import GraphRebuilder
 
 __all__ = [
     "SpectralRegularizer",
@@ -260,12 +261,23 @@ class SpectralRegularizer:
             loss.backward()
             opt.step()
 
-    The graph is the one :meth:`WeightGraph.from_module` builds (a chain of ``nn.Linear``
-    layers, input and output units included, ``|w|`` edges, biases ignored); nodes that are
+    The graph is the one :meth:`WeightGraph.from_module` builds with the same graph options
+    (an MLP: every unit, input and output included, ``|w|`` edges, biases ignored; a CNN: the
+    conv channels with BatchNorm folded; residual and concatenation DAGs too); nodes that are
     isolated (all incident weights exactly zero, e.g. pruned) are left out. The penalty is a
     0-dim tensor on the model's device in the weights' dtype (float32 for half precisions), and
     its gradient lands on each weight's own device and dtype. See the module docstring for the
     method (no autograd through any eigensolver; exact Hellmann-Feynman gradient).
+
+    Two paths. A chain of ``nn.Linear`` layers uses a hand-written backward (three GEMMs per
+    layer, the fast path the overhead figures refer to). Any other model that
+    :meth:`WeightGraph.from_module` reads (Conv2d with BatchNorm folded, residual adds,
+    concatenations, Linear layers wired with skips) is traced once; every call rebuilds the edge
+    blocks from the live parameters (kernel norms, ``|gamma| / sqrt(running_var + eps)``,
+    identity skip edges) and autograd differentiates the same closed-form loss, so gradients
+    reach conv weights and BatchNorm ``gamma`` (``running_var`` enters as a constant and is
+    never changed by the penalty). Non-bipartite DAGs use the solver's generic route on
+    ``D^-1/2 A D^-1/2``. ``normalize_relu`` is available on the chain path only.
 
     Defaults and scaling. ``n_eigs=11`` regularizes exactly the 11 non-trivial eigenvalues a
     12-cluster spectral clustering (the paper's measure) embeds with. ``weight=0.1``: plain
@@ -289,8 +301,9 @@ class SpectralRegularizer:
     weight=0.5 * 0.1 / 3 = 0.01667, normalize_relu=True`` here.
 
     Args:
-        model: an ``nn.Module`` chain of Linear layers (DDP / DataParallel / ``torch.compile``
-            wrappers are unwrapped; the penalty is built from the inner module's weights).
+        model: an MLP, CNN or DAG model that :meth:`WeightGraph.from_module` supports (DDP /
+            DataParallel / ``torch.compile`` wrappers are unwrapped; the penalty is built from
+            the inner module's weights).
         n_eigs: number of non-trivial eigenvalues summed (``k = n_eigs + 1`` eigenvectors are
             tracked). Must be smaller than the number of non-isolated nodes.
         weight: multiplier of the eigenvalue sum.
@@ -324,6 +337,11 @@ class SpectralRegularizer:
             never used), identical on every DDP rank.
         solver_dtype: dtype of the eigensolver (default: the weights' dtype, float32 at least).
             The HF loss itself is always evaluated in the weights' dtype.
+        example_input, kernel_norm, fold_batchnorm, include_dense, include_input: the graph
+            options of :meth:`WeightGraph.from_module` (defaults: the research code's graphs:
+            conv channels only for a CNN, every unit for an MLP; ``l1`` kernel norms; BatchNorm
+            folded). Passing ``include_dense=False`` or ``include_input=False`` for an MLP
+            selects the generic path.
 
     Attributes:
         n_isolated: isolated (degree-0) nodes at the last recompute.
@@ -340,9 +358,9 @@ class SpectralRegularizer:
         ValueError: ``n_eigs`` < 1 or ``>=`` the number of non-isolated nodes, ``every`` < 1,
             non-finite ``weight``, non-finite model weights (naming the parameter; also at
             every call).
-        TypeError: a model that is not a chain of ``nn.Linear`` layers (convolutional layers,
-            skip connections: not supported yet) or that :meth:`WeightGraph.from_module`
-            cannot read.
+        TypeError: a model that :meth:`WeightGraph.from_module` cannot read (an unsupported
+            module or op, named with its path).
+        ValueError: ``normalize_relu=True`` on a model that is not a chain of Linear layers.
     """
 
     def __init__(
@@ -361,6 +379,11 @@ class SpectralRegularizer:
         cold_degree: int = 8,
         seed: int = 0,
         solver_dtype: Optional[torch.dtype] = None,
+        example_input: Any = None,
+        kernel_norm: str = "l1",
+        fold_batchnorm: bool = True,
+        include_dense: Optional[bool] = None,
+        include_input: Optional[bool] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
@@ -379,27 +402,35 @@ class SpectralRegularizer:
         if not math.isfinite(weight):
             raise ValueError(f"weight must be a finite number, got {weight}")
         self._module = module
-        self._chain = _linear_chain(module)
-        for path, m in module.named_modules():
-            if list(m.children()) or isinstance(m, (nn.Linear, nn.PReLU)):
-                continue
-            if any(True for _ in m.parameters(recurse=False)):
-                raise TypeError(
-                    f"SpectralRegularizer supports MLPs (chains of nn.Linear layers) so far; {type(m).__name__} at "
-                    f"'{path}' has parameters (convolutional / normalization layers are not supported yet)"
+        graph_options = dict(example_input=example_input, kernel_norm=kernel_norm, fold_batchnorm=fold_batchnorm,
+                             include_dense=include_dense, include_input=include_input)
+        chain = _linear_chain(module)
+        self._chain: List[Tuple[str, nn.Linear]] = []
+        self._rebuild = None
+        use_chain = self._is_plain_chain(module, chain) and include_dense is not False and include_input is not False
+        if use_chain:
+            # Fast path: a chain of Linear layers, with the hand-written HF autograd function.
+            self._chain = chain
+            self._check_finite()
+            graph = WeightGraph.from_module(module)
+            chain_sizes = (chain[0][1].in_features,) + tuple(lin.out_features for _, lin in chain)
+            pairs = [(b.src, b.dst) for b in graph.blocks]
+            if graph.layer_sizes != chain_sizes or pairs != [(l, l + 1) for l in range(len(chain))]:
+                use_chain, self._chain = False, []  # Linear layers wired as a DAG (skips): generic path
+        if not use_chain:
+            # Any graph WeightGraph.from_module builds (CNN channels with BatchNorm folded, residual
+            # and concatenation DAGs): the graph is rebuilt from the live parameters at every call.
+            if normalize_relu:
+                raise ValueError(
+                    "normalize_relu=True is only available for chains of nn.Linear layers (per-unit rescaling of "
+                    "conv channels through BatchNorm and skip connections is not implemented); use "
+                    "normalize_relu=False for this model"
                 )
-        if not self._chain:
-            raise ValueError(f"{type(module).__name__} has no nn.Linear layers, so there is no weight graph to regularize")
-        self._check_finite()
-        graph = WeightGraph.from_module(module)  # validates the architecture (raises TypeError/ValueError)
-        chain_sizes = (self._chain[0][1].in_features,) + tuple(lin.out_features for _, lin in self._chain)
-        blocks = [(b.src, b.dst) for b in graph.blocks]
-        if graph.layer_sizes != chain_sizes or blocks != [(l, l + 1) for l in range(len(self._chain))]:
-            raise TypeError(
-                f"SpectralRegularizer needs the nn.Linear layers of {type(module).__name__} to form a chain in "
-                f"registration order (sizes {chain_sizes}); its weight graph has layers {graph.layer_sizes} and "
-                f"blocks {blocks} (skip connections are not supported yet)"
-            )
+            self._check_finite()
+            graph = WeightGraph.from_module(module, **graph_options)  # validates; warns about unused layers
+            self._rebuild = GraphRebuilder.create(module, **graph_options)
+            pairs = [(b.src, b.dst) for b in graph.blocks]
+        self._pairs: List[Tuple[int, int]] = pairs
         self.layer_sizes: Tuple[int, ...] = graph.layer_sizes
         self.layer_names: Tuple[str, ...] = graph.layer_names
         n_iso = int((graph.degrees() <= 0).sum())
@@ -456,12 +487,28 @@ class SpectralRegularizer:
         state = self._pending() if self._pending is not None else None
         return state is not None and not state.done
 
+    @staticmethod
+    def _is_plain_chain(module: nn.Module, chain: List[Tuple[str, nn.Linear]]) -> bool:
+        """Only Linear layers carry parameters (PReLU aside), and there are some."""
+        if not chain:
+            return False
+        for _, m in module.named_modules():
+            if list(m.children()) or isinstance(m, (nn.Linear, nn.PReLU)):
+                continue
+            if any(True for _ in m.parameters(recurse=False)):
+                return False
+        return True
+
     def _param_names(self) -> List[str]:
         return [f"{path}.weight" if path else "weight" for path, _ in self._chain]
 
+    def _graph_params(self):
+        if self._rebuild is None:
+            return [(name, lin.weight) for name, (_, lin) in zip(self._param_names(), self._chain)]
+        return [(name, p) for name, p in self._module.named_parameters() if p.is_floating_point()]
+
     def _check_finite(self) -> None:
-        for name, (_, lin) in zip(self._param_names(), self._chain):
-            w = lin.weight
+        for name, w in self._graph_params():
             if not bool(torch.isfinite(w).all()):
                 bad = int((~torch.isfinite(w)).sum())
                 raise ValueError(
@@ -479,9 +526,29 @@ class SpectralRegularizer:
     def _compute_dtype(self, ws: Sequence[torch.Tensor]) -> torch.dtype:
         return torch.float64 if any(w.dtype == torch.float64 for w in ws) else torch.float32
 
+    def _graph_blocks(self, dtype: torch.dtype) -> List[torch.Tensor]:
+        """The edge blocks (in ``self._pairs`` order) rebuilt from the live parameters, with autograd."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported once, when the regularizer was built
+            sizes, _, blocks = self._rebuild(dtype)
+        pairs = [(s, d) for s, d, _ in blocks]
+        if tuple(sizes) != self.layer_sizes or pairs != self._pairs:
+            raise ValueError(f"the model's weight graph changed from layers {self.layer_sizes} / blocks {self._pairs} "
+                             f"to {tuple(sizes)} / {pairs}; build a new SpectralRegularizer")
+        return [a for _, _, a in blocks]
+
+    def _degrees(self, blocks: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        deg: List[Optional[torch.Tensor]] = [None] * len(self.layer_sizes)
+        for (src, dst), a in zip(self._pairs, blocks):
+            for layer, part in ((dst, a.sum(dim=1)), (src, a.sum(dim=0))):
+                deg[layer] = part if deg[layer] is None else deg[layer] + part
+        ref = blocks[0]
+        return [d if d is not None else torch.zeros(n, device=ref.device, dtype=ref.dtype)
+                for d, n in zip(deg, self.layer_sizes)]
+
     def _solve(self, blocks: List[torch.Tensor], degrees: Optional[List[torch.Tensor]] = None) -> EigResult:
         sizes = self.layer_sizes
-        detached = [(l, l + 1, a.detach()) for l, a in enumerate(blocks)]
+        detached = [(src, dst, a.detach()) for (src, dst), a in zip(self._pairs, blocks)]
         dtype = self.solver_dtype or blocks[0].dtype
         tol = self.tol if self.tol is not None else default_tol(dtype)
         degrees = degrees if (degrees is not None and degrees[0].dtype == dtype) else None
@@ -513,7 +580,7 @@ class SpectralRegularizer:
             # modules. Check the support structurally (rare: on a new maximum, then every 200 solves).
             self._zero_max = max(self._zero_max, n_zero)
             self._solves_since_check = 0
-            g = WeightGraph(self.layer_sizes, [(l, l + 1, a.detach()) for l, a in enumerate(blocks)])
+            g = WeightGraph(self.layer_sizes, [(src, dst, a.detach()) for (src, dst), a in zip(self._pairs, blocks)])
             small, _ = g.remove_isolated()
             self.n_components = small.connected_components()[0]
         broken = self.n_isolated > 0 or (self.n_components or 1) > 1
@@ -538,6 +605,8 @@ class SpectralRegularizer:
     # ------------------------------------------------------------------ main
     def __call__(self) -> torch.Tensor:
         """The penalty ``weight * sum(lambda_2 .. lambda_{n_eigs+1})`` as a 0-dim tensor with gradient."""
+        if self._rebuild is not None:
+            return self._graph_call()
         ws = self._weights()
         device = ws[0].device
         cdtype = self._compute_dtype(ws)
@@ -567,6 +636,37 @@ class SpectralRegularizer:
         self._eigs = (1.0 - q.detach()).sort().values[1:]
         return total * self.weight
 
+    def _graph_call(self) -> torch.Tensor:
+        """The penalty of a CNN/DAG graph: the same HF loss, differentiated by autograd."""
+        params = [p for _, p in self._graph_params()]
+        cdtype = self._compute_dtype(params)
+        blocks = self._graph_blocks(cdtype)
+        device = blocks[0].device
+        deg = self._degrees(blocks)
+        with torch.no_grad():
+            if not math.isfinite(sum(float(d.detach().sum()) for d in deg)):
+                self._check_finite()  # raises, naming the parameter
+            if self._vectors is None or self.steps % self.every == 0:
+                res = self._solve(blocks, [d.detach() for d in deg])
+                self._vectors = self._split_vectors(res.eigenvectors, cdtype, device)
+            xs = [v.to(device=device, dtype=cdtype) for v in self._vectors]
+        # D^-1/2 with isolated nodes masked; the clamp keeps the derivative finite at degree 0.
+        tiny = torch.finfo(cdtype).tiny
+        inv = [torch.where(d > 0, d.clamp_min(tiny).rsqrt(), torch.zeros_like(d)) for d in deg]
+        us = [x * i[None, :] for x, i in zip(xs, inv)]
+        q = None
+        for (src, dst), a in zip(self._pairs, blocks):
+            term = (us[dst] * (us[src] @ a.T)).sum(dim=1)
+            q = term if q is None else q + term
+        q = 2.0 * q
+        total = self.k - q.sum()
+        self.steps += 1
+        if not bool(torch.isfinite(total)):
+            self._check_finite()
+            raise FloatingPointError("the spectral penalty is not finite although all weights are")  # pragma: no cover
+        self._eigs = (1.0 - q.detach()).sort().values[1:]
+        return total * self.weight
+
     forward = __call__
 
     @torch.no_grad()
@@ -578,6 +678,10 @@ class SpectralRegularizer:
         quotients in between). Before the first call they are computed now (no step counted).
         """
         if self._eigs is None:
+            if self._rebuild is not None:
+                blocks = self._graph_blocks(self._compute_dtype([p for _, p in self._graph_params()]))
+                res = self._solve(blocks)
+                return res.eigenvalues[1:].to(blocks[0].dtype).clone()
             ws = self._weights()
             cdtype = self._compute_dtype(ws)
             res = self._solve([w.to(device=ws[0].device, dtype=cdtype).abs() for w in ws])
@@ -615,7 +719,7 @@ class SpectralRegularizer:
             raise ValueError(f"state_dict is for layer sizes {tuple(state['layer_sizes'])}, this model has {self.layer_sizes}")
         if int(state["n_eigs"]) != self.n_eigs:
             raise ValueError(f"state_dict is for n_eigs={state['n_eigs']}, this regularizer has n_eigs={self.n_eigs}")
-        device = self._chain[0][1].weight.device
+        device = next(p for _, p in self._graph_params()).device
         self.steps = int(state["steps"])
         self.n_isolated = int(state.get("n_isolated", 0))
         self.n_components = state.get("n_components")

@@ -145,11 +145,18 @@ def conv_edge_weights(weight: torch.Tensor, groups: int = 1, kernel_norm: str = 
         raise ValueError(f"kernel_norm must be one of {KERNEL_NORMS}, got {kernel_norm!r}")
     if weight.dim() != 4:
         raise ValueError(f"expected a 4-D Conv2d weight (out, in/groups, kh, kw), got shape {tuple(weight.shape)}")
-    a = weight.detach().to(torch.float64).abs()
+    return _conv_edges(weight.detach().to(torch.float64), groups, kernel_norm)
+
+
+def _conv_edges(weight: torch.Tensor, groups: int, kernel_norm: str) -> torch.Tensor:
+    """:func:`conv_edge_weights` in ``weight``'s dtype, differentiable when ``weight`` is."""
+    a = weight.abs()
     if kernel_norm == "l1":
         n = a.sum(dim=(2, 3))
     elif kernel_norm == "fro":
-        n = a.square().sum(dim=(2, 3)).sqrt()
+        sq = a.square().sum(dim=(2, 3))
+        # sqrt has an infinite derivative at 0 (an all-zero, e.g. pruned, slice): keep it at 0.
+        n = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
     else:
         # numpy.linalg.norm(k, 1) of a (kh, kw) matrix: max over columns (kw) of the column sum.
         n = a.sum(dim=2).amax(dim=-1)
@@ -523,8 +530,12 @@ _OTHER = _Other()
 
 class _Builder:
     def __init__(self, ops: List[_Op], model: nn.Module, kernel_norm: str, fold_batchnorm: bool,
-                 include_dense: Optional[bool], include_input: Optional[bool]) -> None:
+                 include_dense: Optional[bool], include_input: Optional[bool],
+                 differentiable_dtype: Optional[torch.dtype] = None) -> None:
         self.ops = ops
+        # None: detached edge weights (a measurement). A dtype: edge weights computed in that
+        # dtype from the live parameters, so they carry autograd (the regularizer's graph).
+        self.grad_dtype = differentiable_dtype
         self.model = model
         self.kernel_norm = kernel_norm
         self.fold = fold_batchnorm
@@ -685,7 +696,10 @@ class _Builder:
             if v.kind == "features":
                 self.fail(op, "its input is the output of a Linear layer (a feature vector, not channels)")
             self.set_unknown(v, m.in_channels, op)
-            n = conv_edge_weights(m.weight, m.groups, self.kernel_norm).to(out_dtype)
+            if self.grad_dtype is not None:
+                n = _conv_edges(m.weight.to(self.grad_dtype), m.groups, self.kernel_norm)
+            else:
+                n = conv_edge_weights(m.weight, m.groups, self.kernel_norm).to(out_dtype)
         else:
             if v.kind == "channels":
                 shape = self.in_shape(op)
@@ -697,11 +711,18 @@ class _Builder:
                                       f"positions for each of the {width} channels feeding it")
                 # NCHW flatten is channel-major: channel c owns flat indices [c*HW, (c+1)*HW).
                 hw = m.in_features // width
-                w = m.weight.detach()
-                n = w.abs() if hw == 1 else w.to(torch.float64).abs().reshape(out_n, width, hw).sum(-1).to(out_dtype)
+                if self.grad_dtype is not None:
+                    w = m.weight.to(self.grad_dtype).abs()
+                    n = w if hw == 1 else w.reshape(out_n, width, hw).sum(-1)
+                else:
+                    w = m.weight.detach()
+                    n = w.abs() if hw == 1 else w.to(torch.float64).abs().reshape(out_n, width, hw).sum(-1).to(out_dtype)
             else:
                 self.set_unknown(v, m.in_features, op)
-                n = m.weight.detach().abs().to(out_dtype)
+                if self.grad_dtype is not None:
+                    n = m.weight.to(self.grad_dtype).abs()
+                else:
+                    n = m.weight.detach().abs().to(out_dtype)
         fresh = self.connect(v, n, dst, op)
         self.values[self._current] = _Val((_Seg(dst, fresh),), kind)
 
@@ -716,7 +737,7 @@ class _Builder:
             self.batchnorm[op.path] = "not folded"
             return v
         if m.affine:
-            gamma = m.weight.detach().abs().to(torch.float64)
+            gamma = (m.weight if self.grad_dtype is not None else m.weight.detach()).abs().to(torch.float64)
         else:
             gamma = torch.ones(m.num_features, dtype=torch.float64, device=m.running_var.device
                                if m.running_var is not None else None)
@@ -727,7 +748,7 @@ class _Builder:
             warnings.warn(f"BatchNorm '{op.path}' keeps no running statistics; only |gamma| is folded", UserWarning,
                           stacklevel=4)
             scale = gamma
-        scale = scale.to(self.device)
+        scale = scale.to(device=self.device, dtype=self.grad_dtype or scale.dtype)
         segs, offset = [], 0
         for seg in v.segs:
             k = self.size(seg)
@@ -798,7 +819,7 @@ class _Builder:
                     if offset != 0 or k != n:
                         self.fail(op, "a skip connection that permutes the channels of its own output layer")
                 else:
-                    eye = torch.zeros(n, k, device=self.device)
+                    eye = torch.zeros(n, k, device=self.device, dtype=self.grad_dtype or torch.float32)
                     eye[torch.arange(offset, offset + k), torch.arange(k)] = 1.0
                     self.blocks.append((src, dst, eye))
                 offset += k
@@ -949,6 +970,22 @@ class _Builder:
 
     # ------------------------------------------------------------------ result
     def graph(self, method: str) -> Tuple[WeightGraph, TraceReport]:
+        sizes, names, blocks = self.collect()
+        graph = WeightGraph(sizes, blocks, layer_names=names)
+        excluded = tuple(self.layers[l].name for l in range(len(self.layers))
+                         if self.find(l) == l and self.layers[l].excluded and self.layers[l].size)
+        report = TraceReport(
+            method=method,
+            unused=tuple(self.unused),
+            merged={self.layers[r].name: tuple(names) for r, names in self.merged.items()},
+            identity_skips=tuple(self.identity_skips),
+            batchnorm=dict(self.batchnorm),
+            excluded=excluded,
+        )
+        return graph, report
+
+    def collect(self) -> Tuple[List[int], List[str], List[Tuple[int, int, torch.Tensor]]]:
+        """Layer sizes, layer names and summed ``(src, dst, A)`` blocks of the included layers."""
         called = {op.path for op in self.ops if op.kind == "module"}
         for path, m in self.model.named_modules():
             if isinstance(m, _WEIGHT_MODULES) and path not in called and not (path == "" and "" in called):
@@ -983,19 +1020,8 @@ class _Builder:
                 f"include_dense={self.include_dense} (node layers: {names}); a single conv layer needs "
                 f"include_input=True, a Linear-only model include_dense=True"
             )
-        graph = WeightGraph([self.layers[l].size for l in keep], [(s, d, w) for (s, d), w in summed.items()],
-                            layer_names=[self.layers[l].name for l in keep])
-        excluded = tuple(self.layers[l].name for l in range(len(self.layers))
-                         if self.find(l) == l and self.layers[l].excluded and self.layers[l].size)
-        report = TraceReport(
-            method=method,
-            unused=tuple(self.unused),
-            merged={self.layers[r].name: tuple(names) for r, names in self.merged.items()},
-            identity_skips=tuple(self.identity_skips),
-            batchnorm=dict(self.batchnorm),
-            excluded=excluded,
-        )
-        return graph, report
+        return ([self.layers[l].size for l in keep], [self.layers[l].name for l in keep],
+                [(s, d, w) for (s, d), w in summed.items()])
 
 
 # ----------------------------------------------------------------------------- chain fallback
@@ -1088,6 +1114,46 @@ def trace_module(
             stacklevel=3,
         )
     return graph, report
+
+
+class GraphRebuilder:
+    """Rebuild a model's weight graph from its current parameters, with autograd (internal).
+
+    Traces the model once (as :func:`trace_module`); each call then re-runs the cheap graph
+    construction on the live parameters, so the edge blocks are differentiable functions of
+    the conv/linear weights and of the BatchNorm ``gamma`` (the running variance enters as a
+    constant). Used by :class:`~torch_modularity.SpectralRegularizer` for CNN and DAG models.
+    Returns ``None`` from :meth:`create` for a model fx cannot trace without ``example_input``.
+    """
+
+    def __init__(self, model: nn.Module, ops: List[_Op], options: Dict[str, Any]) -> None:
+        self.model, self.ops, self.options = model, ops, options
+
+    @classmethod
+    def create(cls, model: nn.Module, *, example_input=None, kernel_norm: str = "l1", fold_batchnorm: bool = True,
+               include_dense: Optional[bool] = None, include_input: Optional[bool] = None) -> "GraphRebuilder":
+        if kernel_norm not in KERNEL_NORMS:
+            raise ValueError(f"kernel_norm must be one of {KERNEL_NORMS}, got {kernel_norm!r}")
+        model = _unwrap(model)
+        try:
+            ops = _ops_from_fx(model, example_input)
+        except UnsupportedModuleError:
+            raise
+        except Exception as err:
+            if example_input is None:
+                raise UnsupportedModuleError(
+                    f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). Pass "
+                    f"example_input=<a batch the model accepts> so that the graph is recorded from one forward pass."
+                ) from err
+            ops = _ops_from_forward(model, example_input)
+        return cls(model, ops, dict(kernel_norm=kernel_norm, fold_batchnorm=fold_batchnorm,
+                                    include_dense=include_dense, include_input=include_input))
+
+    def __call__(self, dtype: torch.dtype) -> Tuple[List[int], List[str], List[Tuple[int, int, torch.Tensor]]]:
+        """``(layer_sizes, layer_names, blocks)`` with blocks in ``dtype`` carrying autograd."""
+        builder = _Builder(self.ops, self.model, differentiable_dtype=dtype, **self.options)
+        builder.run()
+        return builder.collect()
 
 
 def graph_from_module(
