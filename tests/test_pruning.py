@@ -465,3 +465,23 @@ def test_cli_prune_compare(tmp_path, capsys):
 
     assert run_cli(_parse(["prune-compare", str(path), "--sparsity", "1.0"] + small)) == 2
     assert "sparsity" in capsys.readouterr().err
+
+
+def test_compare_on_a_small_cnn_with_batchnorm():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 12, 3), nn.ReLU(),
+        nn.Conv2d(12, 10, 3), nn.ReLU(), nn.Flatten(), nn.Linear(10 * 4 * 4, 5),
+    )
+    res = compare(net, sparsity=0.6, n_random=2, n_shuffles=3, n_clusters=3, n_workers=1)
+    assert res.pruned.num_nodes == 8 + 12 + 10  # the default CNN graph: conv channels only
+    assert res.unpruned.n_dead == 0 and res.pruned.n_dead == 0  # not counted for non-chain graphs
+    assert res.layer_names == ["0", "3", "5", "8"]  # every Linear/Conv2d is pruned
+    assert abs(res.achieved_sparsity - 0.6) < 0.01
+    for b in res.baselines.values():
+        assert np.isfinite(b.mean) and b.n > 0
+    again = compare(net, sparsity=0.6, n_random=2, n_shuffles=3, n_clusters=3, n_workers=1)
+    assert again.pruned.ncut == res.pruned.ncut
+    np.testing.assert_array_equal(again.baselines["random_trained"].ncuts, res.baselines["random_trained"].ncuts)
+    for r in res.random_trained + res.random_matched:  # random nets keep the pruned net's weight count
+        assert r.n_weights == res.pruned.n_weights

@@ -785,7 +785,7 @@ class PruningComparison:
     Attributes:
         n_clusters, seed: the clustering settings (the same for every net).
         sparsity, scope: the one-shot pruning settings (None when a pruned model was given).
-        achieved_sparsity: fraction of zero weights of the pruned net (over its Linear layers).
+        achieved_sparsity: fraction of zero weights of the pruned net (over its Linear and Conv2d layers).
         layer_names: the pruned layers; layer_weights / layer_kept: their sizes and kept counts.
         finetuned: whether the random-pruned copies were fine-tuned before measuring.
         unpruned, pruned: the two nets' :class:`NetStats`.
@@ -912,21 +912,15 @@ class PruningComparison:
         return path
 
 
-def _linear_weights(net: nn.Module) -> Tuple[List[torch.Tensor], Tuple[str, ...]]:
-    """The effective Linear weights of a chain, as :meth:`WeightGraph.from_module` reads them."""
-    graph = WeightGraph.from_module(net)  # validates the chain and gives the layer names
-    weights = [m.weight.detach().cpu() for m in net.modules() if isinstance(m, nn.Linear)]
-    chain_sizes = tuple([weights[0].shape[1]] + [w.shape[0] for w in weights]) if weights else ()
-    if graph.layer_sizes != chain_sizes or any(isinstance(m, nn.Conv2d) for m in net.modules()):
-        # The dead-unit analysis below reads the Linear weights as the graph's blocks.
-        raise TypeError(f"compare() supports chains of Linear layers; {type(net).__name__} has a different weight "
-                        f"graph (node layers {graph.layer_sizes}). Use clusterability() on CNNs and DAGs.")
-    return weights, graph.layer_names
+def _layer_weights(net: nn.Module) -> List[torch.Tensor]:
+    """The effective (masked) weights of every Linear/Conv2d layer; checks the model has a weight graph."""
+    WeightGraph.from_module(net)  # raises (naming the module) when the graph cannot be built
+    return [m.weight.detach().cpu() for _, m in _layers(net)]
 
 
 def _net_stats(net: nn.Module, result: ClusterabilityResult, n_clusters: int, seed: int, n_init: int,
                refine: bool) -> NetStats:
-    weights, _ = _linear_weights(net)  # checks that the graph is the Linear chain
+    weights = _layer_weights(net)
     live_ncut = float(result.ncut)
     if result.n_dead and result.n_dead > result.n_isolated:
         # Dead units that are not isolated could form clusters of their own: measure the
@@ -992,8 +986,10 @@ def compare(
         (['random_matched', 'random_trained', 'shuffle_layer', 'shuffle_layer_nonzero'], 3)
 
     Args:
-        model: the trained, unpruned network (a chain of Linear layers, as for
-            :func:`clusterability`); not modified.
+        model: the trained, unpruned network: an MLP, CNN or DAG that :func:`clusterability`
+            reads (every Linear and Conv2d is pruned; the graph is the model's default
+            :meth:`WeightGraph.from_module` graph, e.g. conv channels only for a CNN); not
+            modified. Dead units are counted (and the live n-cut measured) for chain graphs only.
         pruned_model: the pruned network (e.g. magnitude-pruned while fine-tuning); default a
             one-shot :func:`magnitude_prune` of a copy of ``model`` to ``sparsity``.
         sparsity, scope: settings of the one-shot pruning (unused with ``pruned_model``).
@@ -1088,7 +1084,7 @@ def compare(
         res = shuffle_results[method]
         baselines[key] = Baseline(key, label, fixed, ncut, res.shuffled_ncuts, res.shuffled_isolated)
 
-    weights, _ = _linear_weights(pruned)
+    weights = _layer_weights(pruned)
     total = sum(w.numel() for w in weights)
     achieved = 1.0 - sum(int((w != 0).sum()) for w in weights) / total
     return PruningComparison(
