@@ -144,6 +144,7 @@ def test_warm_started_training_keeps_the_gradient_exact(planted_weights):
         assert _rel([lin.weight.grad for lin in _linears(model)], ref) < 1e-9
         opt.step()
     assert reg.steps == 4 and reg.last_result.iterations <= 4
+    assert reg._chain_gram is not None  # the warm steps took the lean chain solver
 
 
 def test_every_reuses_the_block_between_recomputes(planted_weights):

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .eigen import EigResult, _safe_rsqrt, chebyshev_eigs, default_tol
+from .eigen import EigResult, _safe_rsqrt, chebyshev_eigs, default_tol, layer_coloring
 from .graph import WeightGraph, unwrap_model as _unwrap
 from .trace import GraphRebuilder
 
@@ -177,14 +177,158 @@ def normalize_relu_(model: nn.Module) -> List[torch.Tensor]:
     return scales
 
 
+class _ChainGram:
+    """Warm-started subspace iteration on the small-side Gram operator of a Linear chain, lean.
+
+    The per-step solver of :class:`SpectralRegularizer` on chains (``performance.md`` section 5):
+    the same Chebyshev-filtered subspace iteration with Rayleigh-Ritz as
+    :func:`torch_modularity.eigen.subspace_eigs`, written for the chain's row layout (vectors
+    as rows ``(m, n_l)`` per layer, two skinny GEMMs per block and Gram application) and with
+    its by-products kept: the Rayleigh-Ritz step computes ``B Q`` (large side) and, for the
+    ``k`` wanted vectors, ``B^T B z``, which give ``M x`` for every eigenvector ``x`` exactly.
+    The HF loss then needs no GEMM of its own in the forward pass and only the gradient's outer
+    product in the backward pass. Used only from a warm start; the regularizer falls back to
+    :func:`chebyshev_eigs` for cold starts and whenever this step reports a problem.
+    """
+
+    def __init__(self, sizes: Sequence[int]) -> None:
+        n_layers = len(sizes)
+        coloring = layer_coloring(n_layers, [(l, l + 1) for l in range(n_layers - 1)])
+        side = [0, 0]
+        for c, n in zip(coloring, sizes):
+            side[c] += n
+        small = 0 if side[0] <= side[1] else 1  # the choice GramOperator makes: warm blocks interchange
+        self.sizes = list(sizes)
+        self.small = [l for l in range(n_layers) if coloring[l] == small]
+        self.large = [l for l in range(n_layers) if coloring[l] != small]
+        self.bounds = {}
+        off = 0
+        for l in self.small:
+            self.bounds[l] = (off, off + sizes[l])
+            off += sizes[l]
+        self.n_small = off
+
+    def _half(self, rows: Dict[int, torch.Tensor], blocks, inv, targets) -> Dict[int, torch.Tensor]:
+        """``(M v)_j`` for the layers ``targets`` from the other side's parts ``rows`` (row layout)."""
+        scaled = {l: r * inv[l][None, :] for l, r in rows.items()}
+        out = {}
+        for j in targets:
+            acc = None
+            if j - 1 in scaled:
+                acc = scaled[j - 1] @ blocks[j - 1].T
+            if j + 1 < len(self.sizes) and j + 1 in scaled:
+                t = scaled[j + 1] @ blocks[j]
+                acc = t if acc is None else acc.add_(t)
+            out[j] = acc.mul_(inv[j][None, :])
+        return out
+
+    def _split(self, zt: torch.Tensor) -> Dict[int, torch.Tensor]:
+        return {l: zt[:, a:b] for l, (a, b) in self.bounds.items()}
+
+    def _gram(self, zt: torch.Tensor, blocks, inv) -> torch.Tensor:
+        y = self._half(self._split(zt), blocks, inv, self.large)
+        back = self._half(y, blocks, inv, self.small)
+        return torch.cat([back[l] for l in self.small], dim=1)
+
+    def step(self, blocks, inv, deg, warm: EigResult, k: int, degree: int, tol: float, max_iter: int):
+        """Iterate from ``warm`` until the ``k`` wanted residuals meet ``tol`` (at most ``max_iter`` times).
+
+        Returns ``(result, xs, mxs)``: an :class:`EigResult` (``method="gram"``), and the
+        eigenvectors ``X`` and ``M X`` as per-layer rows ``(k, n_l)``; or ``None`` when the step
+        cannot be trusted (non-finite values, a vanishing ``sigma_k``, or no convergence).
+        """
+        dtype = blocks[0].dtype
+        zt = warm.block.T.to(dtype=dtype)  # (m, n_small) Ritz vectors of the previous step
+        theta = warm.ritz_values.to(dtype=dtype)
+        m = zt.shape[0]
+        if zt.shape[1] != self.n_small or theta.numel() < m or m < k:
+            return None
+        sqrt_d = [d.clamp_min(0).sqrt() for d in deg]
+        v0 = torch.cat([sqrt_d[l] for l in self.small])
+        v0 = v0 / v0.norm().clamp_min(torch.finfo(dtype).tiny)
+        for it in range(max(1, max_iter)):
+            # Chebyshev filter damping [0, cut] (cut = the smallest Ritz value), amplifying above it.
+            # Normalized recurrence (as in eigen._chebyshev_filter): no overflow at any degree.
+            cut = min(max(float(theta[m - 1]), 1e-4), 1.0 - 1e-7)
+            e = c = cut / 2.0
+            t0 = (1.0 - c) / e
+            rho_prev, rho = 1.0, t0
+            y_prev = zt
+            y = (self._gram(zt, blocks, inv) - c * zt) * (1.0 / (e * t0))
+            for _ in range(1, degree):
+                rho_next = 2.0 * t0 * rho - rho_prev
+                y_next = (self._gram(y, blocks, inv) - c * y) * (2.0 * rho / (e * rho_next)) - y_prev * (rho_prev / rho_next)
+                y_prev, y, rho_prev, rho = y, y_next, rho, rho_next
+            y[0] = v0  # the exact top eigenvector (sigma = 1) replaces the most amplified direction
+            q = torch.linalg.qr(y.T, mode="reduced").Q.T  # (m, n_small), orthonormal rows
+            bq = self._half(self._split(q), blocks, inv, self.large)
+            bq_t = torch.cat([bq[l] for l in self.large], dim=1)  # (m, n_large)
+            h = bq_t @ bq_t.T
+            theta, u = torch.linalg.eigh((h + h.T) * 0.5)
+            theta, u = theta.flip(0), u.flip(1)
+            zt = u.T @ q  # all m Ritz vectors: the next warm start
+            yk = u[:, :k].T @ bq_t  # B z for the k wanted ones, (k, n_large)
+            gz = self._half({l: yk[:, a:b] for l, (a, b) in self._large_bounds().items()}, blocks, inv, self.small)
+            gzt = torch.cat([gz[l] for l in self.small], dim=1)  # G z, (k, n_small)
+            res = (gzt - theta[:k, None] * zt[:k]).norm(dim=1)
+            worst = float(res.max())
+            if not math.isfinite(worst):
+                return None
+            if worst <= tol:
+                break
+        else:
+            return None
+        sigma2 = theta[:k].clamp(0.0, 1.0)
+        if float(sigma2[-1]) <= 1e3 * torch.finfo(dtype).eps:
+            return None  # sigma_k ~ 0: M's top-k are not all +sigma (the generic route decides)
+        # Polish (one power step, as chebyshev_eigs(polish=True)): z' = orth(G z), whose error
+        # outside the wanted subspace is smaller by about theta_bulk / theta_k; it costs one more
+        # B and B^T on k vectors, which then give M x exactly again.
+        zp = torch.linalg.qr(gzt.T, mode="reduced").Q.T
+        signs = torch.sign((zp * zt[:k]).sum(dim=1))
+        zp = zp * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
+        yk = torch.cat([v for v in self._half(self._split(zp), blocks, inv, self.large).values()], dim=1)
+        sigma = yk.norm(dim=1).clamp_min(torch.finfo(dtype).tiny)
+        gz = self._half({l: yk[:, a:b] for l, (a, b) in self._large_bounds().items()}, blocks, inv, self.small)
+        gzt = torch.cat([gz[l] for l in self.small], dim=1)
+        r2 = math.sqrt(2.0)
+        xs: List[Optional[torch.Tensor]] = [None] * len(self.sizes)
+        mxs: List[Optional[torch.Tensor]] = [None] * len(self.sizes)
+        for l, (a, b) in self.bounds.items():
+            xs[l] = zp[:, a:b] / r2
+            mxs[l] = gzt[:, a:b] / (sigma[:, None] * r2)  # (M x)_small = B^T y / sqrt(2) = G z / (sigma sqrt(2))
+        for l, (a, b) in self._large_bounds().items():
+            xs[l] = yk[:, a:b] / (sigma[:, None] * r2)
+            mxs[l] = yk[:, a:b] / r2  # (M x)_large = B z / sqrt(2) = sigma x_large
+        xs = [x.contiguous() for x in xs]
+        mxs = [x.contiguous() for x in mxs]
+        result = EigResult(
+            eigenvalues=1.0 - sigma, eigenvectors=torch.cat(xs, dim=1).T, block=zt.T, ritz_values=theta,
+            residuals=res, iterations=it + 1, matvecs=(degree + 1) * (it + 1), converged=True, method="gram",
+            num_isolated=int(sum(int((d <= 0).sum()) for d in deg)),
+        )
+        return result, xs, mxs
+
+    def _large_bounds(self) -> Dict[int, Tuple[int, int]]:
+        if not hasattr(self, "_lb"):
+            self._lb, off = {}, 0
+            for l in self.large:
+                self._lb[l] = (off, off + self.sizes[l])
+                off += self.sizes[l]
+        return self._lb
+
+
 class _HFState:
     """Inputs of one penalty evaluation, kept alive by its autograd graph (weak-referenceable)."""
 
-    __slots__ = ("blocks", "inv", "xs", "us", "ps", "done", "__weakref__")
+    __slots__ = ("blocks", "inv", "xs", "mx", "sqrt_d", "us", "ps", "acc", "done", "__weakref__")
 
-    def __init__(self, blocks, inv, xs):
+    def __init__(self, blocks, inv, xs, mx=None, sqrt_d=None):
         self.blocks, self.inv, self.xs = blocks, inv, xs
-        self.us = self.ps = None
+        # M X per layer (rows), when the solver produced it for these very weights: then the
+        # forward and the degree terms of the backward need no GEMM.
+        self.mx, self.sqrt_d = mx, sqrt_d
+        self.us = self.ps = self.acc = None
         self.done = False
 
 
@@ -208,6 +352,17 @@ class _HFTrace(torch.autograd.Function):
     def forward(ctx, state, *weights):
         blocks, inv, xts = state.blocks, state.inv, state.xs
         uts = [xt * i[None, :] for xt, i in zip(xts, inv)]  # (k, n_l)
+        if state.mx is not None:
+            # q = x^T (M x) summed over layers; (A U)_l = D_l^1/2 (M X)_l for the backward.
+            q = None
+            for xt, mxt in zip(xts, state.mx):
+                term = (xt * mxt).sum(dim=1)
+                q = term if q is None else q + term
+            state.us = uts
+            state.acc = [mxt * sd[None, :] for mxt, sd in zip(state.mx, state.sqrt_d)]
+            ctx.state = state
+            ctx.save_for_backward(*weights)
+            return q
         pts = [uts[l] @ a.T for l, a in enumerate(blocks)]  # P_l^T, (k, n_{l+1})
         q = None
         for l, pt in enumerate(pts):
@@ -228,10 +383,13 @@ class _HFTrace(torch.autograd.Function):
         c = grad_q.to(uts[0].dtype)[:, None]
         g = []
         for l in range(n_layers):
-            acc = pts[l - 1] if l >= 1 else None
-            if l < n_layers - 1:
-                qt = uts[l + 1] @ blocks[l]  # (A_l^T U_{l+1})^T, (k, n_l)
-                acc = qt if acc is None else acc + qt
+            if st.acc is not None:
+                acc = st.acc[l]
+            else:
+                acc = pts[l - 1] if l >= 1 else None
+                if l < n_layers - 1:
+                    qt = uts[l + 1] @ blocks[l]  # (A_l^T U_{l+1})^T, (k, n_l)
+                    acc = qt if acc is None else acc + qt
             r = 2.0 * ((xts[l] * c) * acc).sum(dim=0)
             g.append(-0.5 * r * inv[l] ** 3)
         grads = []
@@ -464,6 +622,7 @@ class SpectralRegularizer:
         self._zero_max = 1
         self._solves_since_check = 0
         self._hook = None
+        self._chain_gram: Optional[_ChainGram] = None
         self._pending = None
         self._polish = True
         if self.normalize_relu:
@@ -620,11 +779,16 @@ class SpectralRegularizer:
             if not math.isfinite(sum(float(d.sum()) for d in deg)):
                 self._check_finite()  # raises, naming the parameter
             inv = [_safe_rsqrt(d) for d in deg]
+            mx = None
             if self._vectors is None or self.steps % self.every == 0:
-                res = self._solve(blocks, deg)
-                self._vectors = self._split_vectors(res.eigenvectors, cdtype, device)
+                lean = self._lean_step(blocks, inv, deg, cdtype)
+                if lean is not None:
+                    res, self._vectors, mx = lean
+                else:
+                    res = self._solve(blocks, deg)
+                    self._vectors = self._split_vectors(res.eigenvectors, cdtype, device)
             xs = [v.to(device=device, dtype=cdtype) for v in self._vectors]
-        state = _HFState(blocks, inv, xs)
+        state = _HFState(blocks, inv, xs, mx, None if mx is None else [d.clamp_min(0).sqrt() for d in deg])
         q = _HFTrace.apply(state, *ws)
         if q.requires_grad:
             self._pending = weakref.ref(state)
@@ -635,6 +799,23 @@ class SpectralRegularizer:
             raise FloatingPointError("the spectral penalty is not finite although all weights are")  # pragma: no cover
         self._eigs = (1.0 - q.detach()).sort().values[1:]
         return total * self.weight
+
+    def _lean_step(self, blocks, inv, deg, cdtype):
+        """The warm per-step solve on a chain (:class:`_ChainGram`), or ``None`` to use :meth:`_solve`."""
+        warm = self.last_result
+        if (warm is None or warm.method != "gram" or warm.block.dim() != 2
+                or (self.solver_dtype is not None and self.solver_dtype != cdtype)):
+            return None
+        if self._chain_gram is None:
+            self._chain_gram = _ChainGram(self.layer_sizes)
+        tol = self.tol if self.tol is not None else default_tol(cdtype)
+        out = self._chain_gram.step(blocks, inv, deg, warm, self.k, self.degree, tol, self.max_iter)
+        if out is None:
+            return None
+        res, xs, mx = out
+        self.last_result = res
+        self._report_connectivity(res, blocks)
+        return res, xs, mx
 
     def _graph_call(self) -> torch.Tensor:
         """The penalty of a CNN/DAG graph: the same HF loss, differentiated by autograd."""
