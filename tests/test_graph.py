@@ -361,3 +361,33 @@ def test_constructor_checks_block_shapes_and_layers():
         WeightGraph([3, 2], [(0, 0, torch.ones(3, 3))])
     with pytest.raises(ValueError):
         WeightGraph([3, 2], [(0, 2, torch.ones(2, 3))])
+
+
+@pytest.mark.parametrize("density", [1.0, 0.02, 0.005])
+def test_connected_components_match_networkx(density):
+    """Both the dense-block certificate and the pattern path agree with networkx's count and partition."""
+    import networkx as nx
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = [30, 40, 25, 10]
+    ws = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        w = torch.rand(b, a, generator=gen, dtype=torch.float64) + 0.1
+        if density < 1:
+            w = w * (torch.rand(b, a, generator=gen, dtype=torch.float64) < density)
+        ws.append(w)
+    for g in (WeightGraph.from_weights(ws), WeightGraph.from_weights([sp.csr_matrix(w.numpy()) for w in ws])):
+        count, labels = g.connected_components()
+        ref = list(nx.connected_components(nx.from_scipy_sparse_array(g.adjacency())))
+        assert count == len(ref)
+        for comp in ref:  # the same partition of the nodes
+            assert len({int(labels[i]) for i in comp}) == 1
+        assert len(set(labels.tolist())) == count
+    if density == 1.0:
+        assert count == 1
+
+
+def test_connected_components_certificate_needs_connected_layers():
+    # Two fully dense blocks that do not share a layer: 2 components although no weight is zero.
+    g = WeightGraph([2, 3, 2, 2], [(0, 1, torch.ones(3, 2)), (2, 3, torch.ones(2, 2))])
+    assert g.connected_components()[0] == 2

@@ -8,6 +8,7 @@ BLAS thread, and pool workers are limited to one thread each.
 from __future__ import annotations
 
 import ctypes
+import functools
 import re
 import sys
 from contextlib import contextmanager
@@ -19,13 +20,19 @@ _GET = ("openblas_get_num_threads", "openblas_get_num_threads64_",
         "scipy_openblas_get_num_threads", "scipy_openblas_get_num_threads64_")
 
 
+@functools.lru_cache(maxsize=1)
 def _openblas_controls() -> List[Tuple[object, object]]:
-    """(getter, setter) pairs of every OpenBLAS loaded in this process (Linux only)."""
+    """(getter, setter) pairs of every OpenBLAS loaded in this process (Linux only).
+
+    Memoized: scanning ``/proc/self/maps`` costs milliseconds, and the OpenBLAS copies
+    (numpy's, scipy's) are loaded when this package is imported; forked workers share them.
+    """
     if not sys.platform.startswith("linux"):
         return []
     try:
         with open("/proc/self/maps") as fh:
-            paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", fh.read())))
+            lines = [line for line in fh if "openblas" in line]
+        paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", "".join(lines))))
     except OSError:
         return []
     controls = []

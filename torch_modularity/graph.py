@@ -409,8 +409,46 @@ class WeightGraph:
         """Number of connected components and the component id of every node."""
         from scipy.sparse.csgraph import connected_components
 
-        n, labels = connected_components(self.adjacency(), directed=False)
-        return int(n), labels
+        n = self.num_nodes
+        if self._fully_connected_blocks():
+            return 1, np.zeros(n, dtype=np.int32)
+        # Only the nonzero pattern matters: one direction per edge, weak connectivity.
+        off = self.layer_offsets
+        rows, cols = [], []
+        for b in self._blocks:
+            if b.is_sparse:
+                coo = b.weight.tocoo()
+                keep = coo.data != 0
+                r, c = coo.row[keep], coo.col[keep]
+            else:
+                r, c = np.nonzero(b.weight.detach().cpu().numpy())
+            rows.append(r + off[b.dst])
+            cols.append(c + off[b.src])
+        if not rows:
+            return n, np.arange(n, dtype=np.int32)
+        r, c = np.concatenate(rows), np.concatenate(cols)
+        pattern = sp.csr_matrix((np.ones(r.size, dtype=np.int8), (r, c)), shape=(n, n))
+        count, labels = connected_components(pattern, directed=True, connection="weak")
+        return int(count), labels
+
+    def _fully_connected_blocks(self) -> bool:
+        """Every block dense without a zero and the layers joined by blocks: one component, surely."""
+        sizes = self._sizes
+        if not self._blocks or any(s == 0 for s in sizes):
+            return False
+        parent = list(range(len(sizes)))
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for b in self._blocks:
+            if b.is_sparse or not bool((b.weight != 0).all()):
+                return False
+            parent[find(b.src)] = find(b.dst)
+        return len({find(l) for l in range(len(sizes))}) == 1
 
     def remove_isolated(self) -> Tuple["WeightGraph", np.ndarray]:
         """The graph without degree-0 nodes, and the original id of each kept node.
