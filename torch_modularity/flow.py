@@ -45,7 +45,9 @@ def _chain_blocks(g: WeightGraph):
     for l in range(n_layers - 1):
         w = by_pair[(l, l + 1)].weight
         # CSR blocks (pruned graphs) stay sparse: only products with vectors are needed.
-        mats.append(w.astype(np.float64) if sp.issparse(w) else w.detach().to(torch.float64).cpu().numpy())
+        # The blocks' own precision (float32 for large graphs): no float64 copy of the weights;
+        # the per-layer rescaling keeps the vectors in range.
+        mats.append(w if sp.issparse(w) else w.detach().cpu().numpy())
     return mats
 
 
@@ -55,7 +57,7 @@ def _flow_parts(g: WeightGraph):
     n_layers = len(g.layer_sizes)
     fwd, fwd_log = [np.ones(g.layer_sizes[0])], [0.0]
     for w in mats:
-        v = w @ fwd[-1]
+        v = np.asarray(w @ fwd[-1].astype(w.dtype, copy=False), dtype=np.float64).ravel()
         top = float(v.max()) if v.size else 0.0
         if top > 0:
             fwd.append(v / top)
@@ -66,7 +68,7 @@ def _flow_parts(g: WeightGraph):
     bwd, bwd_log = [None] * n_layers, [0.0] * n_layers
     bwd[-1] = np.ones(g.layer_sizes[-1])
     for l in range(n_layers - 2, -1, -1):
-        v = mats[l].T @ bwd[l + 1]
+        v = np.asarray(mats[l].T @ bwd[l + 1].astype(mats[l].dtype, copy=False), dtype=np.float64).ravel()
         top = float(v.max()) if v.size else 0.0
         if top > 0:
             bwd[l] = v / top

@@ -39,6 +39,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _block_matvec(w, v: np.ndarray, transpose: bool) -> np.ndarray:
+    """``w @ v`` (or ``w.T @ v``) of a torch or scipy block with a 0/1 vector, as numpy."""
+    if sp.issparse(w):
+        vec = v.astype(w.dtype)
+        return np.asarray((w.T @ vec) if transpose else (w @ vec))
+    vec = torch.from_numpy(v).to(device=w.device, dtype=w.dtype)
+    out = (w.T @ vec) if transpose else (w @ vec)
+    return out.cpu().numpy()
+
+
 def _sums(w, axis: int) -> np.ndarray:
     """Row (axis=1) or column (axis=0) sums of a dense tensor or CSR block, float64."""
     if sp.issparse(w):
@@ -410,7 +420,7 @@ class WeightGraph:
         from scipy.sparse.csgraph import connected_components
 
         n = self.num_nodes
-        if self._fully_connected_blocks():
+        if self._fully_connected_blocks() or self._reaches_everything():
             return 1, np.zeros(n, dtype=np.int32)
         # Only the nonzero pattern matters: one direction per edge, weak connectivity.
         off = self.layer_offsets
@@ -432,7 +442,13 @@ class WeightGraph:
         return int(count), labels
 
     def _fully_connected_blocks(self) -> bool:
-        """Every block dense without a zero and the layers joined by blocks: one component, surely."""
+        """A cheap proof of connectedness, for dense blocks (trained or shuffled layers).
+
+        A dense block with one row and one column free of zeros connects all nodes of its two
+        layers (every source reaches that row's node, every target that column's node, and
+        those two are joined). If such blocks join all layers, the graph is connected. A few
+        candidate rows/columns are tried (an exactly-zero weight is rare but happens).
+        """
         sizes = self._sizes
         if not self._blocks or any(s == 0 for s in sizes):
             return False
@@ -445,10 +461,41 @@ class WeightGraph:
             return x
 
         for b in self._blocks:
-            if b.is_sparse or not bool((b.weight != 0).all()):
-                return False
-            parent[find(b.src)] = find(b.dst)
+            if b.is_sparse:
+                continue
+            w = b.weight
+            rows, cols = w.shape
+            full_row = any(bool((w[i] != 0).all()) for i in range(0, rows, max(1, rows // 4)))
+            if full_row and any(bool((w[:, j] != 0).all()) for j in range(0, cols, max(1, cols // 4))):
+                parent[find(b.src)] = find(b.dst)
         return len({find(l) for l in range(len(sizes))}) == 1
+
+    def _reaches_everything(self) -> bool:
+        """Whether every node is reachable from node 0, by sweeps of block matrix-vector products.
+
+        Each sweep propagates the reached set through every block in both directions (a
+        product of the non-negative block with a 0/1 vector is positive exactly at the
+        neighbours); blocks whose two layers are fully reached are skipped. A layered graph is
+        usually covered after one or two sweeps, i.e. a few passes over the weights.
+        """
+        sizes = self._sizes
+        if not self._blocks or self.num_nodes == 0:
+            return False
+        first = next(l for l, s in enumerate(sizes) if s > 0)
+        reach = [np.zeros(s, dtype=bool) for s in sizes]
+        reach[first][0] = True
+        changed = True
+        while changed:
+            changed = False
+            for b in self._blocks:
+                for src, dst, transpose in ((b.src, b.dst, False), (b.dst, b.src, True)):
+                    if not reach[src].any() or reach[dst].all():
+                        continue
+                    hit = _block_matvec(b.weight, reach[src], transpose) > 0
+                    if (hit & ~reach[dst]).any():
+                        reach[dst] |= hit
+                        changed = True
+        return all(r.all() for r in reach)
 
     def remove_isolated(self) -> Tuple["WeightGraph", np.ndarray]:
         """The graph without degree-0 nodes, and the original id of each kept node.

@@ -166,10 +166,13 @@ def _torch_block(m):
 
     if sp.issparse(m):
         m = sp.csr_matrix(m)
-        return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
-                                       torch.from_numpy(m.indices.astype(np.int64)),
+        # int32 index arrays are shared with scipy (no copy) when they fit, as they do below 2^31 nnz.
+        index = np.int32 if m.indptr.dtype == np.int32 and m.indices.dtype == np.int32 else np.int64
+        return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(index, copy=False)),
+                                       torch.from_numpy(m.indices.astype(index, copy=False)),
                                        torch.from_numpy(m.data), size=m.shape)
-    return torch.from_numpy(np.ascontiguousarray(m))
+    # A transposed view stays a view (torch passes the transpose flag to BLAS): no copy.
+    return torch.from_numpy(m)
 
 
 def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dtype) -> Tuple[np.ndarray, np.ndarray]:
@@ -473,10 +476,9 @@ class _Partition:
 
 def _cluster_blocks(sizes, blocks, colour, k: int, rng: np.random.Generator, n_init: int, refine: bool = True) -> _Partition:
     """The whole pipeline on numpy blocks of a graph without isolated nodes."""
-    # Matrix-vector products and small k-means steps: one BLAS thread is as fast on an idle
-    # machine and far faster on a busy one (see _threads).
-    if sum(sizes) >= 2 * _BLOCK_SOLVER_MIN:
-        return _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine)  # GEMM-bound: all threads
+    # Matrix-vector products, skinny GEMMs and small k-means steps (numpy's OpenBLAS): one
+    # thread is as fast on an idle machine and far faster on a busy one (see _threads). The
+    # block eigensolver of large graphs runs in torch, with torch's own threads.
     with blas_threads(1):
         return _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine)
 
