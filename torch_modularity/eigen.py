@@ -488,6 +488,7 @@ def subspace_eigs(
     device=None,
     dtype: Optional[torch.dtype] = None,
     first_column: Optional[torch.Tensor] = None,
+    split: str = "groups",
 ) -> SubspaceResult:
     """Top ``k`` eigenpairs of a symmetric operator by Chebyshev-filtered subspace iteration.
 
@@ -530,6 +531,13 @@ def subspace_eigs(
         device, dtype: where and in which precision to work (default: ``start``'s, else CPU/float64).
         first_column: a known exact unit eigenvector for the eigenvalue ``upper`` (e.g. the
             trivial one); it replaces the first column of the start block (random or warm).
+        split: how the amplification limit is kept. ``"groups"``: columns filtered in
+            separate groups with the full degree (most accurate per operator application).
+            ``"stages"``: all active columns together, the degree split into stages of lower
+            degree with an orthonormalization between them (the same subspace in exact
+            arithmetic; the same number of vectors through the operator but in far fewer
+            calls, which is what counts when one call costs a pass over memory-bound blocks:
+            large dense or sparse weight blocks).
 
     Returns:
         A :class:`SubspaceResult`.
@@ -618,15 +626,32 @@ def subspace_eigs(
         # than eps^-1/2 relative to the group's wanted ones; groups are filtered one after the
         # other, each deflated against the groups already filtered (and the locked vectors).
         groups = []
-        g0 = nlock
-        while g0 < m:
-            g1 = g0 + 1
-            while g1 < m and _cheb_ratio(ts[g0], ts[min(g1, k - 1)], degree) <= ratio_cap:
-                g1 += 1
-            groups.append((g0, g1))
-            g0 = g1
-        used.append(len(groups))
-        basis = x[:, :nlock]
+        if split == "stages" and nlock < m:
+            stages = 1
+            while stages < degree and _cheb_ratio(ts[nlock], ts[max(nlock, k - 1)],
+                                                  -(-degree // stages)) > ratio_cap:
+                stages += 1
+            used.append(stages)
+            defl = x[:, :nlock] if nlock else None
+            y = x[:, nlock:]
+            left = degree
+            for st in range(stages):
+                d_st = -(-left // (stages - st))
+                left -= d_st
+                y = _orthonormalize(_chebyshev_filter(apply, y, d_st, lower, cut, upper, defl))
+                if defl is not None:
+                    y = _orthonormalize(y - defl @ (defl.T @ y))
+            basis = torch.cat([x[:, :nlock], y], dim=1)
+        else:
+            g0 = nlock
+            while g0 < m:
+                g1 = g0 + 1
+                while g1 < m and _cheb_ratio(ts[g0], ts[min(g1, k - 1)], degree) <= ratio_cap:
+                    g1 += 1
+                groups.append((g0, g1))
+                g0 = g1
+            used.append(len(groups))
+            basis = x[:, :nlock]
         for g0, g1 in groups:
             defl = basis if basis.shape[1] else None
             y = _chebyshev_filter(apply, x[:, g0:g1], degree, lower, cut, upper, defl)

@@ -205,8 +205,10 @@ def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dt
         return x
 
     seed = int(rng.integers(2**31 - 1))
+    # split="stages": each operator call is a pass over large, memory-bound blocks, so all
+    # columns go through together (see subspace_eigs).
     res = subspace_eigs(op, gram.n_small, k, lower=0.0, upper=1.0, degree=8, tol=1e-3, max_iter=60, seed=seed,
-                        dtype=torch.float32 if dtype == np.float32 else torch.float64)
+                        dtype=torch.float32 if dtype == np.float32 else torch.float64, split="stages")
     return res.values[:k].numpy().astype(np.float64), res.vectors[:, :k].numpy().astype(dtype)
 
 
