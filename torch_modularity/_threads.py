@@ -73,3 +73,23 @@ def blas_threads(n: int = 1) -> Iterator[None]:
     finally:
         for (_, put), count in zip(controls, before):
             put(ctypes.c_int(count))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the previous count.
+
+    Small torch operations (QR and Rayleigh-Ritz on a skinny block) gain nothing from a second
+    thread and lose up to 30x when another process holds a core (OpenMP spin-waiting).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -17,7 +17,7 @@ import scipy.linalg
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from ._threads import blas_threads
+from ._threads import blas_threads, torch_threads
 from .graph import GraphLike, WeightGraph, as_graph
 from .refine import one_hot, refine_partition
 
@@ -195,20 +195,26 @@ def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dt
         fwd = [(_torch_block(m), out, inp) for m, out, inp in gram._fwd]
         bwd = [(_torch_block(m), out, inp) for m, out, inp in gram._bwd]
 
+    op_threads = torch.get_num_threads()
+
     def op(z: "torch.Tensor") -> "torch.Tensor":
-        y = torch.zeros((gram.n_large, z.shape[1]), dtype=z.dtype)
-        for m, out, inp in fwd:
-            y[out] += m @ z[inp]
-        x = torch.zeros_like(z)
-        for m, out, inp in bwd:
-            x[out] += m @ y[inp]
+        # The products with the big blocks may use the caller's torch threads.
+        with torch_threads(op_threads):
+            y = torch.zeros((gram.n_large, z.shape[1]), dtype=z.dtype)
+            for m, out, inp in fwd:
+                y[out] += m @ z[inp]
+            x = torch.zeros_like(z)
+            for m, out, inp in bwd:
+                x[out] += m @ y[inp]
         return x
 
     seed = int(rng.integers(2**31 - 1))
     # split="stages": each operator call is a pass over large, memory-bound blocks, so all
-    # columns go through together (see subspace_eigs).
-    res = subspace_eigs(op, gram.n_small, k, lower=0.0, upper=1.0, degree=8, tol=1e-3, max_iter=60, seed=seed,
-                        dtype=torch.float32 if dtype == np.float32 else torch.float64, split="stages")
+    # columns go through together (see subspace_eigs). QR / Rayleigh-Ritz on the skinny block:
+    # one thread.
+    with torch_threads(1):
+        res = subspace_eigs(op, gram.n_small, k, lower=0.0, upper=1.0, degree=8, tol=1e-3, max_iter=60, seed=seed,
+                            dtype=torch.float32 if dtype == np.float32 else torch.float64, split="stages")
     return res.values[:k].numpy().astype(np.float64), res.vectors[:, :k].numpy().astype(dtype)
 
 
