@@ -83,7 +83,10 @@ def shuffle_weights(weights: Sequence, method: str, rng: np.random.Generator) ->
             flat = w.ravel()
             nz = np.flatnonzero(flat)
             values = flat[nz]  # row-major order, the same order as CSR data
-        values = values[rng.permutation(values.size)]
+        # In-place Fisher-Yates: the same permutation as values[rng.permutation(n)], without
+        # the index array and the gather.
+        # (values is our own array: a copy of the CSR data or a fancy-indexed gather.)
+        rng.shuffle(values)
         if method == "layer_nonzero":
             if sp.issparse(w):
                 csr.data = values
