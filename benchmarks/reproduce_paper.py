@@ -51,10 +51,12 @@ Training uses one torch thread by default (``--threads``): with two threads a st
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import csv
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shlex
@@ -525,7 +527,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="smoke test: 1000 train/test images, 1 + 1 epochs, 5 shuffles, 1 net, all conditions")
     p.add_argument("--seed", type=int, default=0, help="net i of each condition uses seed SEED + i")
     p.add_argument("--subset", type=int, default=None, help="use only the first N train and test images")
-    p.add_argument("--workers", type=int, default=None, help="processes for the shuffles (default: all CPUs)")
+    p.add_argument("--workers", type=int, default=None, help="processes for the shuffles (default: all CPUs; "
+                   "1 inside parallel --jobs)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="nets trained in parallel processes (default: all CPUs; Linux); results do not depend on it")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for training (default 1: on a shared 2-core machine 2 threads ran "
                         "30-80x slower per step than 1 whenever other processes held the cores)")
@@ -549,6 +554,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args.condition_names = list(dict.fromkeys(names))
     if not args.epoch_scale > 0:
         p.error("--epoch-scale must be positive")
+    if args.jobs is not None and args.jobs < 1:
+        p.error("--jobs must be at least 1")
     for flag in ("nets", "shuffles", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
@@ -570,6 +577,27 @@ def main(argv: Optional[Sequence[str]] = None, log: Callable[[str], None] = None
         return _run(args, argv, log)
     finally:
         torch.set_num_threads(threads_before)  # main() may run inside another process (the smoke test)
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _net_job(name: str, seed: int, config: Dict, args: argparse.Namespace) -> Dict:
+    """One net in a worker process of ``--jobs``: its own data copy and torch thread count."""
+    torch.set_num_threads(args.threads)
+    cond = CONDITIONS[name]
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log(f"[{name} seed {seed}] {cond.description}: {config['epochs']} + {config['pruning_epochs']} epochs")
+    record = run_net(cond, seed, config, args, load_data(cond.dataset, args.subset, {}), log)
+    record["torch_threads"] = torch.get_num_threads()
+    return record
 
 
 def _run(args: argparse.Namespace, argv: Optional[Sequence[str]], log: Callable[[str], None]) -> int:
@@ -603,23 +631,40 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]], log: Callable[
         backup = rec_path.with_name(rec_path.name + ".bak")
         rec_path.replace(backup)
         log(f"previous records moved to {backup} (use --resume to continue them)")
+    pending = []
     for name in args.condition_names:
-        cond = CONDITIONS[name]
-        cfg = configs[name]
         for i in range(args.nets):
             seed = args.seed + i
             if (name, seed) in done:
                 log(f"[{name} seed {seed}] already in the records, skipped")
-                continue
+            else:
+                pending.append((name, seed))
+
+    def finish(record: Dict) -> None:
+        record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record = _nan_to_none(record)
+        append_record(rec_path, record)  # as soon as a net is done: --resume picks up from here
+        records.append(record)
+        done.add((record["condition"], record["seed"]))
+
+    jobs = min(args.jobs or _cpu_count(), len(pending))
+    if jobs > 1 and sys.platform.startswith("linux"):
+        # Nets are independent and seeded by (condition, seed) only: train them in parallel, one
+        # torch thread each, shuffles in-process (the results do not depend on worker counts).
+        log(f"{len(pending)} net(s) on {jobs} parallel jobs (per-net times below are per job)")
+        job_args = argparse.Namespace(**{**vars(args), "workers": 1})
+        ctx = multiprocessing.get_context("fork")
+        with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_net_job, name, seed, configs[name], job_args) for name, seed in pending]
+            for fut in cf.as_completed(futures):
+                finish(fut.result())
+    else:
+        for name, seed in pending:
+            cond, cfg = CONDITIONS[name], configs[name]
             log(f"[{name} seed {seed}] {cond.description}: {cfg['epochs']} + {cfg['pruning_epochs']} epochs")
-            data = load_data(cond.dataset, args.subset, cache)
-            record = run_net(cond, seed, cfg, args, data, log)
-            record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            record = run_net(cond, seed, cfg, args, load_data(cond.dataset, args.subset, cache), log)
             record["torch_threads"] = torch.get_num_threads()
-            record = _nan_to_none(record)
-            append_record(rec_path, record)
-            records.append(record)
-            done.add((name, seed))
+            finish(record)
 
     rows = summarize(records)
     write_csv(out / "paper_mlp.csv", rows)

@@ -68,3 +68,16 @@ def test_quick_run_writes_well_formed_outputs(tmp_path):
                        log=messages.append) == 0
     assert any("already in the records, skipped" in m for m in messages)
     assert len((tmp_path / "paper_mlp_nets.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_parallel_jobs_give_the_same_records(tmp_path):
+    script = _load_script()
+    common = ["--quick", "--conditions", "small_control,untrained", "--nets", "2", "--workers", "1"]
+    by_jobs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        assert script.main(common + ["--out", str(out), "--jobs", str(jobs)], log=lambda m: None) == 0
+        recs = [json.loads(line) for line in (out / "paper_mlp_nets.jsonl").read_text().splitlines()]
+        by_jobs[jobs] = {(r["condition"], r["seed"]): {ph: (p["ncut"], p["shuffled_ncuts"], p["test_acc"])
+                                                       for ph, p in r["phases"].items()} for r in recs}
+    assert len(by_jobs[1]) == 4 and by_jobs[1] == by_jobs[2]
