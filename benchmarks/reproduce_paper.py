@@ -130,7 +130,7 @@ CSV_COLUMNS = [
     "condition", "phase", "n_nets", "ncut_mean", "ncut_sd", "shuffle_mean", "shuffle_sd", "z_mean",
     "percentile_mean", "n_significant", "test_acc_mean", "test_acc_sd", "sparsity_mean", "epochs",
     "train_s_per_net", "s_per_epoch", "measure_s_per_net", "n_shuffles", "n_clusters", "dataset",
-    "architecture",
+    "architecture", "n_dead_mean", "live_ncut_mean", "live_z_mean", "n_live_significant",
 ]
 
 
@@ -212,11 +212,22 @@ def _measure(model, args, seed) -> Tuple[Dict, float]:
     t0 = time.perf_counter()
     res = clusterability(model, n_clusters=N_CLUSTERS, n_shuffles=args.shuffles, shuffle="layer", seed=seed,
                          n_workers=args.workers, n_init=args.n_init, refine=not args.no_refine)
-    elapsed = time.perf_counter() - t0
     full = res.to_dict()
     rec = {k: full[k] for k in ("ncut", "mean", "std", "z", "p_value", "n_isolated", "n_components", "num_nodes",
-                                "shuffled_ncuts")}
-    return rec, elapsed
+                                "shuffled_ncuts", "n_dead")}
+    live = {"ncut": res.ncut, "z": res.z, "p_value": res.p_value}
+    if (res.n_dead or 0) > res.n_isolated:
+        # Units cut off from every input-output path (not only isolated) can pass for clusters:
+        # measure the live subgraph too, against its own shuffles (the honest number).
+        try:
+            lr = clusterability(model, n_clusters=N_CLUSTERS, n_shuffles=args.shuffles, shuffle="layer", seed=seed,
+                                n_workers=args.workers, n_init=args.n_init, refine=not args.no_refine,
+                                exclude_dead=True)
+            live = {"ncut": lr.ncut, "z": lr.z, "p_value": lr.p_value}
+        except ValueError:  # fewer live units than clusters
+            live = {"ncut": float("nan"), "z": float("nan"), "p_value": float("nan")}
+    rec.update({"live_ncut": live["ncut"], "live_z": live["z"], "live_p_value": live["p_value"]})
+    return rec, time.perf_counter() - t0
 
 
 def run_net(cond: Condition, net_seed: int, config: Dict, args, data, log) -> Dict:
@@ -357,6 +368,11 @@ def summarize(records: Sequence[Dict]) -> List[Dict]:
                 "measure_s_per_net": float(np.mean([p["measure_s"] for p in ph])),
                 "n_shuffles": n_sh, "n_clusters": cfg["n_clusters"], "dataset": cfg["dataset"],
                 "architecture": "-".join(str(s) for s in cfg["sizes"]),
+                # Records written before the live measurement existed give NaN here.
+                "n_dead_mean": float(np.mean([_f(p.get("n_dead")) for p in ph])),
+                "live_ncut_mean": float(np.mean([_f(p.get("live_ncut")) for p in ph])),
+                "live_z_mean": float(np.mean([_f(p.get("live_z")) for p in ph])),
+                "n_live_significant": int(sum(_f(p.get("live_p_value")) <= 1.0 / (n_sh + 1) + 1e-12 for p in ph)),
             })
     return rows
 
@@ -402,8 +418,9 @@ def write_markdown(path: Path, rows: List[Dict], records: Sequence[Dict], args, 
         _epochs_note(rows),
         "",
         "| condition | phase | nets | n-cut (mean ± sd) | shuffle mean | shuffle sd | mean z | mean percentile "
-        "| significant nets | test acc | sparsity | epochs | train s/net | s/epoch | measure s/net |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| significant nets | dead units | live n-cut | live z | live significant | test acc | sparsity | epochs "
+        "| train s/net | s/epoch | measure s/net |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ncut = _fmt(r["ncut_mean"]) + (f" ± {_fmt(r['ncut_sd'])}" if math.isfinite(r["ncut_sd"]) else "")
@@ -411,14 +428,18 @@ def write_markdown(path: Path, rows: List[Dict], records: Sequence[Dict], args, 
         lines.append(
             f"| {r['condition']} | {r['phase']} | {r['n_nets']} | {ncut} | {_fmt(r['shuffle_mean'])} | "
             f"{_fmt(r['shuffle_sd'])} | {_fmt(r['z_mean'], '.2f')} | {_fmt(r['percentile_mean'])} | "
-            f"{r['n_significant']}/{r['n_nets']} | {acc} | {_fmt(r['sparsity_mean'], '.2f')} | {r['epochs']} | "
+            f"{r['n_significant']}/{r['n_nets']} | {_fmt(r['n_dead_mean'], '.0f')} | {_fmt(r['live_ncut_mean'])} | "
+            f"{_fmt(r['live_z_mean'], '.2f')} | {r['n_live_significant']}/{r['n_nets']} | {acc} | {_fmt(r['sparsity_mean'], '.2f')} | {r['epochs']} | "
             f"{_fmt(r['train_s_per_net'], '.0f')} | {_fmt(r['s_per_epoch'], '.1f')} | "
             f"{_fmt(r['measure_s_per_net'], '.1f')} |")
     lines += [
         "",
         "Columns: n-cut sd is over nets (ddof 1); shuffle mean / sd are the per-net shuffle mean and "
         "population SD, averaged over nets; significant nets = percentile at its minimum 1/(shuffles+1) "
-        "(the research notebooks' `is_sig`); train s/net is the time of that phase (pruned: the pruning "
+        "(the research notebooks' `is_sig`); dead units = units on no input-to-output path worth the name "
+        "(path flow < 1e-3 of their layer's maximum, isolated ones included; mean over nets); live n-cut / z = "
+        "the same measurement on the subgraph without them, against its own shuffles (equal to the raw ones "
+        "when no unit is dead); train s/net is the time of that phase (pruned: the pruning "
         "phase only); s/epoch = train s/net / epochs. Lower n-cut, negative z and small percentiles mean "
         "more clusterable than the shuffles.",
         "",
