@@ -26,11 +26,13 @@ How (``performance.md`` section 5):
   finite and its gradient bounded; the gap opens within a few training steps.
 
 Cost (``benchmarks/bench_regularizer.py``, 784-256x4-10 MLP, batch 128, Adam, float32, the
-2-core CPU box): a regularized step took ~2.3-2.5x a plain one (plain 5-7 ms; the naive
-dense-``eigh`` step ~100x) with a gradient error of ~4e-7 against float64 dense ``eigh``; per
-step one warm Chebyshev iteration of degree 2 (three Gram applications on 19 vectors) plus
-three GEMM passes for the HF loss and its gradient. ``every=4`` brought it to ~1.55x (with
-gradient errors of ~5e-3 to 2e-2 on the reused steps).
+2-core CPU box run alone): a regularized step took ~1.9-2.1x a plain one (plain 7-8 ms; the
+naive dense-``eigh`` step ~80x) with a gradient error of ~4-8e-7 against float64 dense
+``eigh``. On chains, each step is one warm Chebyshev iteration of degree 2 on the Gram operator,
+a Rayleigh-Ritz step and a polishing power step (:class:`_ChainGram`), whose by-products give
+``M X`` exactly, so the HF loss needs no GEMM of its own and its backward one per layer.
+``every=N`` skips the solver on the steps in between (gradient error ~4e-3 after one reused
+step, growing linearly).
 
 Relation to the research code (``method.md`` section 5): its gradient was exactly 0.5x the true
 derivative of its loss ``(cluster_lambda / num_cluster_eigs) * sum(lambda_2 .. lambda_{k+1})``
