@@ -39,14 +39,14 @@ Run ``python benchmarks/reproduce_paper.py`` (the full protocol, 3 nets per cond
 ``--conditions mnist_control --nets 1 --epochs 2 --pruning-epochs 2`` for a small real run,
 or ``--quick`` for the smoke test (1000 images, 1 + 1 epochs, 5 shuffles, 1 net).
 
-Cost on 2 shared CPU cores, 1 torch thread (measured with other jobs holding the cores, load
-~6): 784-256x4-10 ~4-7 s per training epoch and ~8-9 s per pruning epoch (mask updates every
-10 steps); 49-64-64-64-10 ~1 s per epoch plain, ~4-6 s with the regularizer; one measurement
-with 50 shuffles ~8 s (big MLP) / ~3 s (small). The full default run is therefore about
-60-75 minutes, ~80 % of it the 12 big-MLP nets; ``--epoch-scale 0.75`` (15 + 15 / 8 + 8
-epochs) brings it to ~55 minutes, and the table then says that the epochs were shortened.
-Training uses one torch thread by default (``--threads``): with two threads a step was
-30-80x slower whenever another process held a core.
+Cost on the 2-core box, 1 torch thread per net: 784-256x4-10 ~4-6 s per training epoch and
+~7-9 s per pruning epoch (mask updates every 10 steps); 49-64-64-64-10 ~1 s per epoch plain,
+~3-4 s with the regularizer; one measurement with 50 shuffles ~4-9 s (big MLP; twice when dead
+units call for the live measurement) / ~1 s (small). The full default run took 31 min with
+``--jobs 2`` (the default on 2 CPUs: two nets train in parallel, shuffles in-process) and 63 min
+with one job; ``--epoch-scale 0.75`` (15 + 15 / 8 + 8 epochs) shortens it, and the table then
+says that the epochs were shortened. Training uses one torch thread by default (``--threads``):
+with two threads a step was 30-80x slower whenever another process held a core.
 """
 from __future__ import annotations
 
