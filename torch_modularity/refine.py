@@ -40,7 +40,8 @@ def refine_partition(
     max_passes: int = 12,
     inner_passes: int = 1,
     eps: float = 1e-8,
-) -> Tuple[np.ndarray, float]:
+    return_start: bool = False,
+):
     """Lower the n-cut of ``labels`` by batched greedy node moves.
 
     Args:
@@ -52,7 +53,8 @@ def refine_partition(
         max_passes: sweeps over all groups; inner_passes: batches tried per group visit.
 
     Returns:
-        ``(labels, ncut)`` with ``ncut`` no higher than the start's.
+        ``(labels, ncut)`` with ``ncut`` no higher than the start's; with ``return_start``
+        ``(labels, ncut, start_ncut)`` (the start's n-cut, from the same exact sums).
     """
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     n = int(offsets[-1])
@@ -74,7 +76,7 @@ def refine_partition(
     vol = np.bincount(labels, weights=deg, minlength=k)
     w_in = np.bincount(labels, weights=e[np.arange(n), labels], minlength=k)  # = 2 x inner weight
     counts = np.bincount(labels, minlength=k)
-    current = _ncut_from_totals(w_in, vol, eps)
+    current = start = _ncut_from_totals(w_in, vol, eps)
     layer_of = np.repeat(np.arange(len(sizes)), sizes)
 
     def apply_moves(nodes: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
@@ -143,7 +145,7 @@ def refine_partition(
                     break
         if not improved:
             break
-    return labels, current
+    return (labels, current, start) if return_start else (labels, current)
 
 
 def _keep_nonempty(batch: np.ndarray, a: np.ndarray, b: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
