@@ -203,12 +203,16 @@ class _ChainGram:
         self.sizes = list(sizes)
         self.small = [l for l in range(n_layers) if coloring[l] == small]
         self.large = [l for l in range(n_layers) if coloring[l] != small]
-        self.bounds = {}
-        off = 0
-        for l in self.small:
-            self.bounds[l] = (off, off + sizes[l])
-            off += sizes[l]
-        self.n_small = off
+        self.bounds = self._offsets(self.small)  # column range of each small-side layer
+        self.large_bounds = self._offsets(self.large)
+        self.n_small = sum(sizes[l] for l in self.small)
+
+    def _offsets(self, layers: Sequence[int]) -> Dict[int, Tuple[int, int]]:
+        out, off = {}, 0
+        for l in layers:
+            out[l] = (off, off + self.sizes[l])
+            off += self.sizes[l]
+        return out
 
     def _half(self, rows: Dict[int, torch.Tensor], blocks, inv, targets) -> Dict[int, torch.Tensor]:
         """``(M v)_j`` for the layers ``targets`` from the other side's parts ``rows`` (row layout)."""
@@ -224,15 +228,16 @@ class _ChainGram:
             out[j] = acc.mul_(inv[j][None, :])
         return out
 
-    def _split(self, zt: torch.Tensor) -> Dict[int, torch.Tensor]:
-        return {l: zt[:, a:b] for l, (a, b) in self.bounds.items()}
+    def _split(self, t: torch.Tensor, bounds: Optional[Dict[int, Tuple[int, int]]] = None) -> Dict[int, torch.Tensor]:
+        """Per-layer column views of a small-side (default) or large-side row block."""
+        return {l: t[:, a:b] for l, (a, b) in (bounds or self.bounds).items()}
 
     def _gram(self, zt: torch.Tensor, blocks, inv) -> torch.Tensor:
         y = self._half(self._split(zt), blocks, inv, self.large)
         back = self._half(y, blocks, inv, self.small)
         return torch.cat([back[l] for l in self.small], dim=1)
 
-    def step(self, blocks, inv, deg, warm: EigResult, k: int, degree: int, tol: float, max_iter: int):
+    def step(self, blocks, inv, deg, sqrt_d, warm: EigResult, k: int, degree: int, tol: float, max_iter: int):
         """Iterate from ``warm`` until the ``k`` wanted residuals meet ``tol`` (at most ``max_iter`` times).
 
         Returns ``(result, xs, mxs)``: an :class:`EigResult` (``method="gram"``), and the
@@ -245,7 +250,6 @@ class _ChainGram:
         m = zt.shape[0]
         if zt.shape[1] != self.n_small or theta.numel() < m or m < k:
             return None
-        sqrt_d = [d.clamp_min(0).sqrt() for d in deg]
         v0 = torch.cat([sqrt_d[l] for l in self.small])
         v0 = v0 / v0.norm().clamp_min(torch.finfo(dtype).tiny)
         for it in range(max(1, max_iter)):
@@ -270,7 +274,7 @@ class _ChainGram:
             theta, u = theta.flip(0), u.flip(1)
             zt = u.T @ q  # all m Ritz vectors: the next warm start
             yk = u[:, :k].T @ bq_t  # B z for the k wanted ones, (k, n_large)
-            gz = self._half({l: yk[:, a:b] for l, (a, b) in self._large_bounds().items()}, blocks, inv, self.small)
+            gz = self._half(self._split(yk, self.large_bounds), blocks, inv, self.small)
             gzt = torch.cat([gz[l] for l in self.small], dim=1)  # G z, (k, n_small)
             res = (gzt - theta[:k, None] * zt[:k]).norm(dim=1)
             worst = float(res.max())
@@ -291,7 +295,7 @@ class _ChainGram:
         zp = zp * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
         yk = torch.cat([v for v in self._half(self._split(zp), blocks, inv, self.large).values()], dim=1)
         sigma = yk.norm(dim=1).clamp_min(torch.finfo(dtype).tiny)
-        gz = self._half({l: yk[:, a:b] for l, (a, b) in self._large_bounds().items()}, blocks, inv, self.small)
+        gz = self._half(self._split(yk, self.large_bounds), blocks, inv, self.small)
         gzt = torch.cat([gz[l] for l in self.small], dim=1)
         r2 = math.sqrt(2.0)
         xs: List[Optional[torch.Tensor]] = [None] * len(self.sizes)
@@ -299,7 +303,7 @@ class _ChainGram:
         for l, (a, b) in self.bounds.items():
             xs[l] = zp[:, a:b] / r2
             mxs[l] = gzt[:, a:b] / (sigma[:, None] * r2)  # (M x)_small = B^T y / sqrt(2) = G z / (sigma sqrt(2))
-        for l, (a, b) in self._large_bounds().items():
+        for l, (a, b) in self.large_bounds.items():
             xs[l] = yk[:, a:b] / (sigma[:, None] * r2)
             mxs[l] = yk[:, a:b] / r2  # (M x)_large = B z / sqrt(2) = sigma x_large
         xs = [x.contiguous() for x in xs]
@@ -310,14 +314,6 @@ class _ChainGram:
             num_isolated=int(sum(int((d <= 0).sum()) for d in deg)),
         )
         return result, xs, mxs
-
-    def _large_bounds(self) -> Dict[int, Tuple[int, int]]:
-        if not hasattr(self, "_lb"):
-            self._lb, off = {}, 0
-            for l in self.large:
-                self._lb[l] = (off, off + self.sizes[l])
-                off += self.sizes[l]
-        return self._lb
 
 
 class _HFState:
@@ -781,16 +777,17 @@ class SpectralRegularizer:
             if not math.isfinite(sum(float(d.sum()) for d in deg)):
                 self._check_finite()  # raises, naming the parameter
             inv = [_safe_rsqrt(d) for d in deg]
+            sqrt_d = [d.clamp_min(0).sqrt() for d in deg]
             mx = None
             if self._vectors is None or self.steps % self.every == 0:
-                lean = self._lean_step(blocks, inv, deg, cdtype)
+                lean = self._lean_step(blocks, inv, deg, sqrt_d, cdtype)
                 if lean is not None:
                     res, self._vectors, mx = lean
                 else:
                     res = self._solve(blocks, deg)
                     self._vectors = self._split_vectors(res.eigenvectors, cdtype, device)
             xs = [v.to(device=device, dtype=cdtype) for v in self._vectors]
-        state = _HFState(blocks, inv, xs, mx, None if mx is None else [d.clamp_min(0).sqrt() for d in deg])
+        state = _HFState(blocks, inv, xs, mx, sqrt_d)
         q = _HFTrace.apply(state, *ws)
         if q.requires_grad:
             self._pending = weakref.ref(state)
@@ -802,7 +799,7 @@ class SpectralRegularizer:
         self._eigs = (1.0 - q.detach()).sort().values[1:]
         return total * self.weight
 
-    def _lean_step(self, blocks, inv, deg, cdtype):
+    def _lean_step(self, blocks, inv, deg, sqrt_d, cdtype):
         """The warm per-step solve on a chain (:class:`_ChainGram`), or ``None`` to use :meth:`_solve`."""
         warm = self.last_result
         if (warm is None or warm.method != "gram" or warm.block.dim() != 2
@@ -811,7 +808,7 @@ class SpectralRegularizer:
         if self._chain_gram is None:
             self._chain_gram = _ChainGram(self.layer_sizes)
         tol = self.tol if self.tol is not None else default_tol(cdtype)
-        out = self._chain_gram.step(blocks, inv, deg, warm, self.k, self.degree, tol, self.max_iter)
+        out = self._chain_gram.step(blocks, inv, deg, sqrt_d, warm, self.k, self.degree, tol, self.max_iter)
         if out is None:
             return None
         res, xs, mx = out

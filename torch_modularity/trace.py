@@ -1050,6 +1050,29 @@ def _linear_chain(model: nn.Module) -> Optional[WeightGraph]:
 
 
 
+class _UntraceableError(UnsupportedModuleError):
+    """fx could not trace the model and there was no ``example_input`` to record a forward pass."""
+
+
+def _record_ops(model: nn.Module, example_input) -> Tuple[List[_Op], str]:
+    """The forward pass as ops, by fx tracing, else recorded from a forward pass on
+    ``example_input``; ``(ops, "fx" | "forward")``. Raises :class:`UnsupportedModuleError`
+    for unsupported modules and :class:`_UntraceableError` for untraceable models without
+    ``example_input``."""
+    try:
+        return _ops_from_fx(model, example_input), "fx"
+    except UnsupportedModuleError:
+        raise
+    except Exception as err:  # fx raises TraceError, TypeError, ... on data-dependent Python
+        if example_input is not None:
+            return _ops_from_forward(model, example_input), "forward"
+        raise _UntraceableError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). Pass "
+            f"example_input=<a batch the model accepts> so that the graph is recorded from one forward pass, "
+            f"or build the graph by hand with WeightGraph(layer_sizes, blocks)."
+        ) from err
+
+
 # ----------------------------------------------------------------------------- public API
 def trace_module(
     model: nn.Module,
@@ -1087,21 +1110,12 @@ def trace_module(
         raise ValueError(f"kernel_norm must be one of {KERNEL_NORMS}, got {kernel_norm!r}")
     model = _unwrap(model)
     try:
-        ops, method = _ops_from_fx(model, example_input), "fx"
-    except UnsupportedModuleError:
+        ops, method = _record_ops(model, example_input)
+    except _UntraceableError:
+        chain = _linear_chain(model) if include_dense is not False and include_input is not False else None
+        if chain is not None:
+            return chain, TraceReport(method="chain")
         raise
-    except Exception as err:  # fx raises TraceError, TypeError, ... on data-dependent Python
-        if example_input is not None:
-            ops, method = _ops_from_forward(model, example_input), "forward"
-        else:
-            chain = _linear_chain(model) if include_dense is not False and include_input is not False else None
-            if chain is not None:
-                return chain, TraceReport(method="chain")
-            raise UnsupportedModuleError(
-                f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). Pass "
-                f"example_input=<a batch the model accepts> so that the graph is recorded from one forward pass, "
-                f"or build the graph by hand with WeightGraph(layer_sizes, blocks)."
-            ) from err
     builder = _Builder(ops, model, kernel_norm, fold_batchnorm, include_dense, include_input)
     builder.run()
     graph, report = builder.graph(method)
@@ -1123,7 +1137,7 @@ class GraphRebuilder:
     construction on the live parameters, so the edge blocks are differentiable functions of
     the conv/linear weights and of the BatchNorm ``gamma`` (the running variance enters as a
     constant). Used by :class:`~torch_modularity.SpectralRegularizer` for CNN and DAG models.
-    Returns ``None`` from :meth:`create` for a model fx cannot trace without ``example_input``.
+    :meth:`create` raises :class:`UnsupportedModuleError` as :func:`trace_module` does.
     """
 
     def __init__(self, model: nn.Module, ops: List[_Op], options: Dict[str, Any]) -> None:
@@ -1135,17 +1149,7 @@ class GraphRebuilder:
         if kernel_norm not in KERNEL_NORMS:
             raise ValueError(f"kernel_norm must be one of {KERNEL_NORMS}, got {kernel_norm!r}")
         model = _unwrap(model)
-        try:
-            ops = _ops_from_fx(model, example_input)
-        except UnsupportedModuleError:
-            raise
-        except Exception as err:
-            if example_input is None:
-                raise UnsupportedModuleError(
-                    f"cannot trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). Pass "
-                    f"example_input=<a batch the model accepts> so that the graph is recorded from one forward pass."
-                ) from err
-            ops = _ops_from_forward(model, example_input)
+        ops, _ = _record_ops(model, example_input)
         return cls(model, ops, dict(kernel_norm=kernel_norm, fold_batchnorm=fold_batchnorm,
                                     include_dense=include_dense, include_input=include_input))
 
