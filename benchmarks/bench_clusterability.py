@@ -135,10 +135,13 @@ def reference_labels(graph: WeightGraph, seed: int) -> np.ndarray:
         return model.fit(adjacency).labels_
 
 
-def ours_labels(graph: WeightGraph, seed: int) -> np.ndarray:
+def ours_labels(graph: WeightGraph, seed: int, device: Optional[str] = None) -> np.ndarray:
     # The whole measurement without shuffles (dead-unit mask, isolated nodes, components), as
     # a user calls it; the reference side is the research code's clustering call.
-    return clusterability(graph, n_clusters=K, n_shuffles=0, seed=seed).labels
+    result = clusterability(graph, n_clusters=K, n_shuffles=0, seed=seed, device=device)
+    if device is not None and device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return result.labels
 
 
 # --------------------------------------------------------------------------- report
@@ -177,10 +180,14 @@ def best_of(fn: Callable, budget_s: float = 10.0, most: int = 3):
     return out, t, mb, runs
 
 
-def single_graph_case(table: Table, name: str, graph: WeightGraph, target: str, run_reference: bool, seed: int = 0):
+def single_graph_case(table: Table, name: str, graph: WeightGraph, target: str, run_reference: bool, seed: int = 0,
+                      device: Optional[str] = None):
     # Warm-up on a small graph so that import/first-call costs are not billed to the case.
     ours_labels(mlp_graph([20, 30, 10], 0), 0)
-    labels, our_t, our_mb, our_runs = best_of(lambda: ours_labels(graph, seed))
+    if device is not None:
+        name = f"{name} [block solver on {device}]"
+        ours_labels(mlp_graph([6000, 6000], 0), 0, device)  # device warm-up (context, kernels)
+    labels, our_t, our_mb, our_runs = best_of(lambda: ours_labels(graph, seed, device))
     our_ncut = ncut(graph, labels)
     ref_t = ref_mb = ref_ncut = None
     note = []
@@ -244,6 +251,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--cases", default="mlp,planted,quality,mlp5k,vgg,mlp20k,pruned100k,shuffles")
     parser.add_argument("--seeds", type=int, default=10, help="graphs per quality comparison")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "clusterability.md"))
+    parser.add_argument("--device", default=None,
+                        help="also run the large cases (mlp20k, pruned100k) with the block solver on this device, e.g. cuda")
     args = parser.parse_args(argv)
     cases = set(args.cases.split(","))
     if args.quick:
@@ -270,10 +279,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     if "pruned100k" in cases:
         single_graph_case(table, "MLP 4000x25 (100k nodes), 90% pruned", mlp_graph([4000] * 25, 0, density=0.1),
                           "<= 10 s, < 2 GB", False)
+    if args.device is not None:
+        if "mlp20k" in cases:
+            single_graph_case(table, "MLP 4096x5 (20k nodes)", mlp_graph([4096] * 5, 0), "-", False, device=args.device)
+        if "pruned100k" in cases:
+            single_graph_case(table, "MLP 4000x25 (100k nodes), 90% pruned", mlp_graph([4000] * 25, 0, density=0.1),
+                              "-", False, device=args.device)
     if "shuffles" in cases:
         shuffles_case(table, n_shuffles=20 if args.quick else 100, ref_shuffles=2 if args.quick else 10)
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.python_version()}"
+    if args.device is not None and args.device.startswith("cuda"):
+        machine += f", GPU {torch.cuda.get_device_name(torch.device(args.device))}"
     text = (f"# Clusterability benchmark\n\nMachine: {machine}. Run: `python benchmarks/bench_clusterability.py"
             f"{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}.\n\n{table.markdown()}\n")
     if not args.quick:

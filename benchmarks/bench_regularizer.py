@@ -61,7 +61,7 @@ def dense_eig_sum(weights: List[torch.Tensor], n_eigs: int) -> torch.Tensor:
         a[offs[l + 1]:offs[l + 2], offs[l]:offs[l + 1]] = w.abs()
         a[offs[l]:offs[l + 1], offs[l + 1]:offs[l + 2]] = w.abs().T
     s = a.sum(dim=1).rsqrt()
-    lap = torch.eye(n, dtype=a.dtype) - s[:, None] * a * s[None, :]
+    lap = torch.eye(n, dtype=a.dtype, device=a.device) - s[:, None] * a * s[None, :]
     return torch.linalg.eigvalsh(lap)[1:n_eigs + 1].sum()
 
 
@@ -104,14 +104,21 @@ def data(n: int, quick: bool):
         return torch.rand(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bench(args) -> Dict:
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     if args.sizes:
         sizes = tuple(int(v) for v in args.sizes.split("-"))
     else:
         sizes = (784, 4096, 4096, 4096, 4096, 4096, 10) if args.large else (784, 256, 256, 256, 256, 10)
     n_data = 128 * (args.steps + args.warmup + 4)
     x, y = data(min(n_data, 60000), args.quick)
+    x, y = x.to(device), y.to(device)
     batches = [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(x) - 127, 128)]
     loss_fn = nn.CrossEntropyLoss()
 
@@ -119,7 +126,7 @@ def bench(args) -> Dict:
     variants: Dict[str, Dict] = {}
     names = ["plain", "ours"] + ([] if args.large or args.no_naive else ["naive"])
     for name in names:
-        model = make_mlp(sizes, seed=0)
+        model = make_mlp(sizes, seed=0).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         reg = None
         if name == "ours":
@@ -154,11 +161,13 @@ def bench(args) -> Dict:
         for name in names:
             if name == "naive" and i % naive_every:
                 continue
+            _sync(device)
             t = time.perf_counter()
             step(variants[name], xb, yb)
+            _sync(device)
             variants[name]["times"].append(time.perf_counter() - t)
 
-    out: Dict = {"sizes": sizes, "nodes": sum(sizes), "threads": args.threads, "n_eigs": args.n_eigs,
+    out: Dict = {"device": str(device), "sizes": sizes, "nodes": sum(sizes), "threads": args.threads, "n_eigs": args.n_eigs,
                  "weight": args.weight, "every": args.every, "degree": args.degree, "block_size": args.block_size,
                  "solver_dtype": args.solver_dtype or "float32"}
     med = {name: statistics.median(v["times"]) for name, v in variants.items()}
@@ -234,6 +243,7 @@ def main() -> None:
     p.add_argument("--grad-checks", type=int, default=5)
     p.add_argument("--grad-gap", type=int, default=10, help="training steps between gradient checks")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the model and data live, e.g. cuda")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.quick:
@@ -244,7 +254,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"MLP {'-'.join(map(str, out['sizes']))} ({out['nodes']} nodes), batch 128, Adam, float32, "
+    print(f"[{out['device']}] MLP {'-'.join(map(str, out['sizes']))} ({out['nodes']} nodes), batch 128, Adam, float32, "
           f"{out['threads']} threads; n_eigs={out['n_eigs']} weight={out['weight']} every={out['every']} "
           f"degree={out['degree']} block={out['block_size'] or 'k+8'} solver={out['solver_dtype']}")
     for k, v in out["median_ms"].items():

@@ -340,6 +340,18 @@ class WeightGraph:
         """Layer number of every node."""
         return np.repeat(np.arange(len(self._sizes)), self._sizes)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the dense blocks live: the first non-CPU device among them, else the CPU.
+
+        The spectral engine's block eigensolver (large graphs) runs there; sparse (CSR)
+        blocks always live on the CPU.
+        """
+        for b in self._blocks:
+            if not b.is_sparse and b.weight.device.type != "cpu":
+                return b.weight.device
+        return torch.device("cpu")
+
     # ------------------------------------------------------------------ numerics
     def engine_dtype(self) -> np.dtype:
         """Precision of the numerical engine: float64 for graphs up to 131k matrix entries

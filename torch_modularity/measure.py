@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ._threads import limit_threads
 from .graph import GraphLike, WeightGraph, as_graph, expand_labels
 from .shuffle import check_shuffle_method, shuffle_weights
-from .spectral import _cluster_blocks
+from .spectral import _cluster_blocks, _uses_block_solver
 
 __all__ = ["ClusterabilityResult", "clusterability"]
 
@@ -166,7 +167,8 @@ def _shuffle_seeds(seed: int, index: int) -> Tuple[np.random.SeedSequence, np.ra
     return perm, clus
 
 
-def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: int, n_init: int, refine: bool):
+def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: int, n_init: int, refine: bool,
+                  device=None):
     """Worker task: n-cut of the shuffles ``indices`` of the graph in ``payload``."""
     sizes, names, blocks = payload
     out = []
@@ -181,7 +183,7 @@ def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: in
                 f"use fewer clusters or the 'layer_nonzero' shuffle"
             )
         part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(blocks[0][2].dtype), small.layer_coloring(), k,
-                               np.random.default_rng(clus_seed), n_init, refine)
+                               np.random.default_rng(clus_seed), n_init, refine, device=device)
         out.append((i, part.ncut, g.num_nodes - small.num_nodes))
     return out
 
@@ -218,6 +220,7 @@ def clusterability(
     dtype=None,
     exclude_dead: bool = False,
     dead_threshold: float = 1e-3,
+    device=None,
 ) -> ClusterabilityResult:
     """How clusterable is a network's weight graph, and is that more than chance?
 
@@ -257,6 +260,12 @@ def clusterability(
             shuffles are shuffles of the live subgraph. Dead units are always counted
             (``n_dead``) for chain graphs.
         dead_threshold: relative path flow below which a unit is dead.
+        device: where the block eigensolver of large graphs (6000+ nodes on the smaller
+            side of a bipartite graph) runs; default the weights' device
+            (``WeightGraph.device``). k-means and refinement run on the CPU. When a large
+            graph is solved on an accelerator, its shuffles run one after another in this
+            process on that device (``n_workers`` and ``executor`` are then not used), so
+            the result still does not depend on the number of workers.
 
     Returns:
         A :class:`ClusterabilityResult`.
@@ -286,9 +295,14 @@ def clusterability(
             f"{graph.num_nodes}); use fewer clusters"
         )
     blocks = small.numpy_blocks(dtype)
-    part = _cluster_blocks(small.layer_sizes, blocks, small.layer_coloring(), int(n_clusters),
-                           np.random.default_rng(np.random.SeedSequence(seed)), n_init, refine)
+    colour = small.layer_coloring()
+    device = torch.device(device) if device is not None else graph.device
+    if device.type != "cpu" and not _uses_block_solver(small.layer_sizes, colour):
+        device = torch.device("cpu")  # nothing would run there: keep the process pool for the shuffles
+    part = _cluster_blocks(small.layer_sizes, blocks, colour, int(n_clusters),
+                           np.random.default_rng(np.random.SeedSequence(seed)), n_init, refine, device=device)
     n_components = small.connected_components()[0]
+    on_accelerator = device.type != "cpu"
 
     payload = (small.layer_sizes, small.layer_names, blocks)
     ncuts = np.full(n_shuffles, np.nan)
@@ -296,7 +310,9 @@ def clusterability(
     if n_shuffles:
         workers = n_workers or _default_workers()
         own_pool = None
-        if executor is None and workers > 1 and n_shuffles > 1:
+        if on_accelerator:
+            executor = None  # forked workers cannot use CUDA; the device runs the solves one by one
+        elif executor is None and workers > 1 and n_shuffles > 1:
             executor = own_pool = _make_pool(min(workers, n_shuffles))
         chunks = np.array_split(np.arange(n_shuffles), min(n_shuffles, 4 * workers))
         bar = None
@@ -309,7 +325,8 @@ def clusterability(
             if executor is None:
                 results = []
                 for chunk in chunks:
-                    results.append(_run_shuffles(payload, chunk.tolist(), shuffle, int(n_clusters), seed, n_init, refine))
+                    results.append(_run_shuffles(payload, chunk.tolist(), shuffle, int(n_clusters), seed, n_init, refine,
+                                                 device))
                     if bar is not None:
                         bar.update(len(chunk))
             else:

@@ -160,6 +160,14 @@ def _top_eigh(apply, n: int, k: int, rng: np.random.Generator, tol: float, dtype
 _BLOCK_SOLVER_MIN = 6000
 
 
+def _uses_block_solver(sizes: Sequence[int], colour: Optional[np.ndarray]) -> bool:
+    """Whether the embedding of a graph with these layers goes through the block eigensolver."""
+    if colour is None:
+        return False
+    sizes = np.asarray(sizes)
+    return int(min(sizes[colour == c].sum() for c in (0, 1))) >= _BLOCK_SOLVER_MIN
+
+
 def _torch_block(m):
     """A dense numpy block or CSR matrix as a torch tensor (dense: no copy)."""
     import torch
@@ -175,11 +183,13 @@ def _torch_block(m):
     return torch.from_numpy(m)
 
 
-def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dtype) -> Tuple[np.ndarray, np.ndarray]:
+def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dtype,
+                    device=None) -> Tuple[np.ndarray, np.ndarray]:
     """Largest ``k`` eigenpairs of the Gram operator (spectrum in [0, 1]) by a block method.
 
     Chebyshev-filtered subspace iteration on ``k + 8`` vectors, applied with torch GEMMs
-    (dense blocks) or multi-threaded sparse CSR products (pruned blocks). Residual tolerance
+    (dense blocks) or multi-threaded sparse CSR products (pruned blocks), on ``device``
+    (default CPU; the random start is drawn on the CPU, so it is the same on every device). Residual tolerance
     1e-3: on a random graph's dense bulk (relative gaps ~1e-3) the individual bulk
     eigenvectors are not resolved, but the partition found from the block is as good as
     from converged vectors (benchmarks/bench_clusterability.py measures it).
@@ -192,15 +202,30 @@ def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dt
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        fwd = [(_torch_block(m), out, inp) for m, out, inp in gram._fwd]
-        bwd = [(_torch_block(m), out, inp) for m, out, inp in gram._bwd]
+        device = torch.device(device or "cpu")
+        # A block that is the transpose view of another is moved once and transposed there.
+        moved = {}
+
+        def to_device(m):
+            base = m.base if isinstance(m, np.ndarray) else None
+            if (base is not None and base.shape == m.shape[::-1] and m.strides == base.strides[::-1]
+                    and m.ctypes.data == base.ctypes.data):
+                if id(base) not in moved:
+                    moved[id(base)] = _torch_block(base).to(device)
+                return moved[id(base)].T
+            if id(m) not in moved:
+                moved[id(m)] = _torch_block(m).to(device)
+            return moved[id(m)]
+
+        fwd = [(to_device(m), out, inp) for m, out, inp in gram._fwd]
+        bwd = [(to_device(m), out, inp) for m, out, inp in gram._bwd]
 
     op_threads = torch.get_num_threads()
 
     def op(z: "torch.Tensor") -> "torch.Tensor":
         # The products with the big blocks may use the caller's torch threads.
         with torch_threads(op_threads):
-            y = torch.zeros((gram.n_large, z.shape[1]), dtype=z.dtype)
+            y = torch.zeros((gram.n_large, z.shape[1]), dtype=z.dtype, device=z.device)
             for m, out, inp in fwd:
                 y[out] += m @ z[inp]
             x = torch.zeros_like(z)
@@ -214,8 +239,9 @@ def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dt
     # one thread.
     with torch_threads(1):
         res = subspace_eigs(op, gram.n_small, k, lower=0.0, upper=1.0, degree=8, tol=1e-3, max_iter=60, seed=seed,
-                            dtype=torch.float32 if dtype == np.float32 else torch.float64, split="stages")
-    return res.values[:k].numpy().astype(np.float64), res.vectors[:, :k].numpy().astype(dtype)
+                            dtype=torch.float32 if dtype == np.float32 else torch.float64, split="stages",
+                            device=device)
+    return res.values[:k].cpu().numpy().astype(np.float64), res.vectors[:, :k].cpu().numpy().astype(dtype)
 
 
 def _deterministic_sign(u: np.ndarray) -> np.ndarray:
@@ -247,6 +273,7 @@ def _embedding_from_blocks(
     k: int,
     rng: np.random.Generator,
     tol: Optional[float] = None,
+    device=None,
 ) -> SpectralEmbedding:
     op = _NormalizedBlocks(sizes, blocks)
     if tol is None:
@@ -261,7 +288,7 @@ def _embedding_from_blocks(
         # zero eigenvalues that live only on the large side: use the generic path.
         if gram.n_small > k + 1:
             if gram.n_small >= _BLOCK_SOLVER_MIN:
-                vals, z = _top_eigh_block(gram, k, rng, op.dtype)
+                vals, z = _top_eigh_block(gram, k, rng, op.dtype, device)
             else:
                 vals, z = _top_eigh(gram.gram, gram.n_small, k, rng, tol, op.dtype)
             sigma = np.sqrt(np.clip(vals, 0.0, None))
@@ -274,7 +301,8 @@ def _embedding_from_blocks(
     return SpectralEmbedding((1.0 - vals).astype(np.float64), x, op.degrees, "generic")
 
 
-def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0, dtype=None) -> SpectralEmbedding:
+def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0, dtype=None,
+                       device=None) -> SpectralEmbedding:
     """The ``n_components`` smallest eigenpairs of the normalized Laplacian, from the blocks.
 
     Example:
@@ -289,6 +317,8 @@ def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0, 
         seed: seeds the Lanczos start vector.
         dtype: engine precision, ``numpy.float64`` or ``numpy.float32``; default float64 for
             graphs up to 131k weight entries, float32 above (``WeightGraph.engine_dtype``).
+        device: where the block eigensolver of large graphs (6000+ nodes on the smaller side
+            of a bipartite graph) runs; default the weights' device (``WeightGraph.device``).
 
     Returns:
         A :class:`SpectralEmbedding` with ascending eigenvalues of ``L``.
@@ -296,7 +326,7 @@ def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0, 
     g = as_graph(graph)
     with blas_threads(1):
         return _embedding_from_blocks(g.layer_sizes, g.numpy_blocks(dtype), g.layer_coloring(), int(n_components),
-                                      _rng(seed))
+                                      _rng(seed), device=device if device is not None else g.device)
 
 
 # --------------------------------------------------------------------------- k-means
@@ -482,22 +512,23 @@ class _Partition:
     method: str
 
 
-def _cluster_blocks(sizes, blocks, colour, k: int, rng: np.random.Generator, n_init: int, refine: bool = True) -> _Partition:
+def _cluster_blocks(sizes, blocks, colour, k: int, rng: np.random.Generator, n_init: int, refine: bool = True,
+                    device=None) -> _Partition:
     """The whole pipeline on numpy blocks of a graph without isolated nodes."""
     # Matrix-vector products, skinny GEMMs and small k-means steps (numpy's OpenBLAS): one
     # thread is as fast on an idle machine and far faster on a busy one (see _threads). The
     # block eigensolver of large graphs runs in torch, with torch's own threads.
     with blas_threads(1):
-        return _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine)
+        return _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine, device)
 
 
-def _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine) -> _Partition:
+def _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine, device) -> _Partition:
     n = int(sum(sizes))
     if k < 2:
         raise ValueError(f"n_clusters must be at least 2, got {k}")
     if k > n:
         raise ValueError(f"n_clusters={k} is larger than the number of non-isolated nodes ({n}); use fewer clusters")
-    emb = _embedding_from_blocks(sizes, blocks, colour, k, rng)
+    emb = _embedding_from_blocks(sizes, blocks, colour, k, rng, device=device)
     labels = kmeans(emb.scaled(), k, n_init, rng)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     method = emb.method
@@ -525,7 +556,8 @@ def _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine) ->
 
 
 def spectral_clustering(
-    graph: GraphLike, n_clusters: int = 12, seed: int = 0, n_init: int = 3, refine: bool = True, dtype=None
+    graph: GraphLike, n_clusters: int = 12, seed: int = 0, n_init: int = 3, refine: bool = True, dtype=None,
+    device=None,
 ) -> np.ndarray:
     """Partition a weight graph into ``n_clusters`` clusters by spectral clustering.
 
@@ -549,6 +581,8 @@ def spectral_clustering(
         refine: improve the k-means partition by greedy node moves with the exact n-cut gain
             (never raises the n-cut); ``False`` gives the plain research-code pipeline.
         dtype: engine precision (see :func:`spectral_embedding`).
+        device: where the block eigensolver of large graphs runs (see
+            :func:`spectral_embedding`); k-means and refinement run on the CPU.
 
     Returns:
         An int64 numpy array of labels, one per node, -1 for isolated nodes.
@@ -556,7 +590,7 @@ def spectral_clustering(
     g = as_graph(graph)
     small, kept = g.remove_isolated()
     part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(dtype), small.layer_coloring(), int(n_clusters),
-                           _rng(seed), n_init, refine)
+                           _rng(seed), n_init, refine, device=device if device is not None else g.device)
     full = -np.ones(g.num_nodes, dtype=np.int64)
     full[kept] = part.labels
     return full
