@@ -17,6 +17,10 @@ import numpy as np
 
 __all__ = ["refine_partition"]
 
+# A move batch touching more than 1/_GATHER_RATIO of a block's columns updates the edge
+# totals with a full product instead of a column gather.
+_GATHER_RATIO = 16
+
 
 def one_hot(labels: np.ndarray, k: int, dtype=np.float64) -> np.ndarray:
     """(n, k) cluster indicator matrix; rows of label -1 are all zero."""
@@ -89,10 +93,17 @@ def refine_partition(
                     continue
                 local = nodes[sel] - offsets[here]
                 change = one_hot(new[sel], k, dtype) - one_hot(old[sel], k, dtype)
-                if mat is not None:  # moved nodes are sources: e[dst] += W[:, local] @ change
-                    e[layer_slice(there)] += w[:, local] @ change
-                else:  # moved nodes are destinations: e[src] += W[local, :]^T @ change
+                if mat is None:  # moved nodes are destinations: e[src] += W[local, :]^T @ change (row gather)
                     e[layer_slice(there)] += w[local, :].T @ change
+                elif local.size * _GATHER_RATIO >= w.shape[1]:
+                    # Moved sources: a column gather touches a cache line per entry (and CSR
+                    # column slicing is slower still); for more than 1/16 of the columns one
+                    # streaming product with the (mostly zero) change matrix is faster.
+                    full = np.zeros((w.shape[1], k), dtype=dtype)
+                    full[local] = change
+                    e[layer_slice(there)] += w @ full
+                else:  # e[dst] += W[:, local] @ change
+                    e[layer_slice(there)] += w[:, local] @ change
 
     group_ids = [np.concatenate([np.arange(offsets[l], offsets[l + 1]) for l in g]) for g in groups if len(g)]
     for _ in range(max_passes):
