@@ -175,6 +175,24 @@ class WeightGraph:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
+    def _from_checked(cls, sizes, blocks, names, unit_index) -> "WeightGraph":
+        """A graph from blocks taken from a checked graph (non-negative, finite, right shapes),
+        e.g. a subgraph or a shuffle: no second validation pass and no copies (for a 100k-node
+        pruned net that pass was ~0.8 s). Dense numpy blocks are wrapped without a copy."""
+        for _, _, w in blocks:
+            if sp.issparse(w):
+                w.sort_indices()  # canonical order, as _as_sparse gives (no-op when sorted)
+        g = cls.__new__(cls)
+        g._sizes = tuple(int(x) for x in sizes)
+        g._names = tuple(names)
+        g._blocks = tuple(
+            EdgeBlock(int(src), int(dst), torch.from_numpy(w) if isinstance(w, np.ndarray) else w)
+            for src, dst, w in blocks
+        )
+        g._unit_index = tuple(np.asarray(u, dtype=np.int64) for u in unit_index)
+        return g
+
+    @classmethod
     def from_weights(cls, weights: Sequence[ArrayLike], layer_names: Optional[Sequence[str]] = None) -> "WeightGraph":
         """Chain graph from weight matrices in torch layout ``(out_features, in_features)``.
 
@@ -568,7 +586,7 @@ class WeightGraph:
                 dev = b.weight.device
                 w = b.weight.index_select(0, torch.from_numpy(rows).to(dev)).index_select(1, torch.from_numpy(cols).to(dev))
             blocks.append((int(new_layer[b.src]), int(new_layer[b.dst]), w))
-        return WeightGraph(sizes, blocks, names, units), np.nonzero(keep)[0]
+        return WeightGraph._from_checked(sizes, blocks, names, units), np.nonzero(keep)[0]
 
     def with_blocks(self, weights: Sequence[ArrayLike]) -> "WeightGraph":
         """Same layers and block structure, new block weights (e.g. shuffled)."""

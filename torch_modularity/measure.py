@@ -175,7 +175,9 @@ def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: in
     for i in indices:
         perm_seed, clus_seed = _shuffle_seeds(seed, i)
         shuffled = shuffle_weights([w for _, _, w in blocks], method, np.random.default_rng(perm_seed))
-        g = WeightGraph(sizes, [(s, d, w) for (s, d, _), w in zip(blocks, shuffled)], names)
+        # Shuffled values of a checked graph are still non-negative and finite.
+        g = WeightGraph._from_checked(sizes, [(s, d, w) for (s, d, _), w in zip(blocks, shuffled)], names,
+                                      [np.arange(n) for n in sizes])
         small = g.remove_isolated()[0]
         if small.num_nodes < k:
             raise ValueError(
