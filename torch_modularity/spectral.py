@@ -495,7 +495,7 @@ def ncut(graph: GraphLike, labels) -> float:
     Example:
         >>> import torch
         >>> g = WeightGraph.from_weights([torch.eye(2)])   # two disjoint edges
-        >>> ncut(g, [0, 1, 0, 1]), ncut(g, [0, 0, 1, 1])
+        >>> ncut(g, [0, 1, 0, 1]), round(ncut(g, [0, 0, 1, 1]), 6)
         (0.0, 2.0)
 
     Args:
