@@ -147,9 +147,20 @@ def test_bad_settings_exit_non_zero(checkpoints, capsys):
     assert "n_clusters" in capsys.readouterr().err
     assert main(["measure", str(paths["state_dict"]), "--n-clusters", "40", "--shuffles", "2", "--workers", "1"]) != 0
     assert "n_clusters" in capsys.readouterr().err
+    assert main(["measure", str(paths["state_dict"]), "--device", "gpu0", "--shuffles", "2", "--workers", "1"]) != 0
+    assert "not a torch device" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:  # argparse rejects unknown shuffle methods
         main(["measure", str(paths["state_dict"]), "--shuffle", "rows"])
     assert info.value.code != 0
+
+
+def test_measure_device_option(checkpoints, capsys):
+    model, paths = checkpoints
+    rc = main(["measure", str(paths["state_dict"]), *SETTINGS, "--workers", "1", "--device", "cpu", "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["ncut"] == _direct(model).ncut
+    if not torch.cuda.is_available():
+        assert main(["measure", str(paths["state_dict"]), *SETTINGS, "--workers", "1", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_python_dash_m_subprocess_round_trip(checkpoints, tmp_path):

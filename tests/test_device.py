@@ -55,6 +55,15 @@ def test_graph_device_is_the_weights_device():
     assert csr.device == torch.device("cpu")
 
 
+def test_bad_device_is_a_clear_error():
+    ws, _ = _planted([20, 30, 10], 3)
+    with pytest.raises(ValueError, match="not a torch device"):
+        clusterability(ws, n_clusters=3, n_shuffles=0, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            spectral_clustering(WeightGraph.from_weights(ws), n_clusters=3, device="cuda")
+
+
 def test_explicit_cpu_device_gives_the_default_result(monkeypatch):
     monkeypatch.setattr(spectral, "_BLOCK_SOLVER_MIN", 10)  # route through the block solver
     ws, _ = _planted([60, 80, 80, 40], 4)

@@ -55,6 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int, default=None, help="worker processes for the shuffles (default: all CPUs)")
     m.add_argument("--exclude-dead", action="store_true",
                    help="measure the live subgraph: drop units on no input-to-output path first")
+    m.add_argument("--device", default=None,
+                   help="where the block eigensolver of large graphs runs, e.g. cuda (default: cpu)")
     m.add_argument("--json", action="store_true", help="print the full result as JSON")
     m.add_argument("--trust-checkpoint", action="store_true",
                    help="allow loading a pickled whole module (unpickling runs code from the file)")
@@ -81,6 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             seed=args.seed,
             n_workers=args.workers,
             exclude_dead=args.exclude_dead,
+            device=args.device,
             progress=not args.json and sys.stderr.isatty(),  # a bar in a terminal, quiet in logs
         )
     except (ValueError, TypeError) as err:

@@ -15,7 +15,7 @@ import torch
 from ._threads import limit_threads
 from .graph import GraphLike, WeightGraph, as_graph, expand_labels
 from .shuffle import check_shuffle_method, shuffle_weights
-from .spectral import _cluster_blocks, _uses_block_solver
+from .spectral import _cluster_blocks, _uses_block_solver, resolve_device
 
 __all__ = ["ClusterabilityResult", "clusterability"]
 
@@ -298,7 +298,7 @@ def clusterability(
         )
     blocks = small.numpy_blocks(dtype)
     colour = small.layer_coloring()
-    device = torch.device(device) if device is not None else graph.device
+    device = resolve_device(device, graph)
     if device.type != "cpu" and not _uses_block_solver(small.layer_sizes, colour):
         device = torch.device("cpu")  # nothing would run there: keep the process pool for the shuffles
     part = _cluster_blocks(small.layer_sizes, blocks, colour, int(n_clusters),

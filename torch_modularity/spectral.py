@@ -187,6 +187,22 @@ def _uses_block_solver(sizes: Sequence[int], colour: Optional[np.ndarray]) -> bo
     return int(min(sizes[colour == c].sum() for c in (0, 1))) >= _BLOCK_SOLVER_MIN
 
 
+def resolve_device(device, graph: WeightGraph):
+    """The device the block eigensolver of ``graph`` runs on: ``device`` if given (checked),
+    else the weights' device."""
+    import torch
+
+    if device is None:
+        return graph.device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err}); use e.g. 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available here; use device='cpu'")
+    return dev
+
+
 def _torch_block(m):
     """A dense numpy block or CSR matrix as a torch tensor (dense: no copy)."""
     import torch
@@ -351,7 +367,7 @@ def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0, 
     g = as_graph(graph)
     with blas_threads(1):
         return _embedding_from_blocks(g.layer_sizes, g.numpy_blocks(dtype), g.layer_coloring(), int(n_components),
-                                      _rng(seed), device=device if device is not None else g.device)
+                                      _rng(seed), device=resolve_device(device, g))
 
 
 # --------------------------------------------------------------------------- k-means
@@ -615,7 +631,7 @@ def spectral_clustering(
     g = as_graph(graph)
     small, kept = g.remove_isolated()
     part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(dtype), small.layer_coloring(), int(n_clusters),
-                           _rng(seed), n_init, refine, device=device if device is not None else g.device)
+                           _rng(seed), n_init, refine, device=resolve_device(device, g))
     full = -np.ones(g.num_nodes, dtype=np.int64)
     full[kept] = part.labels
     return full
