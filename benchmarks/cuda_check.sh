@@ -9,7 +9,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, scipy, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider -rs tests/test_device.py tests/test_eigen.py \
-    "tests/test_regularizer.py::test_cuda_model" 2>&1 | tee "$OUT/pytest.log"
+    "tests/test_regularizer.py::test_cuda_model" "tests/test_cli.py::test_measure_device_option" \
+    tests/test_regularizer.py tests/test_regularizer_graphs.py 2>&1 | tee "$OUT/pytest.log"
 python3 benchmarks/bench_regularizer.py --device cuda --threads 8 2>&1 | tee "$OUT/bench_regularizer_cuda.log"
 python3 benchmarks/bench_regularizer.py --device cuda --large --threads 8 2>&1 | tee -a "$OUT/bench_regularizer_cuda.log"
 python3 benchmarks/bench_clusterability.py --cases mlp20k,pruned100k --device cuda \

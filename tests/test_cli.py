@@ -161,6 +161,9 @@ def test_measure_device_option(checkpoints, capsys):
     if not torch.cuda.is_available():
         assert main(["measure", str(paths["state_dict"]), *SETTINGS, "--workers", "1", "--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+    else:
+        rc = main(["measure", str(paths["state_dict"]), *SETTINGS, "--workers", "1", "--device", "cuda", "--json"])
+        assert rc == 0 and json.loads(capsys.readouterr().out)["ncut"] == _direct(model).ncut
 
 
 def test_python_dash_m_subprocess_round_trip(checkpoints, tmp_path):

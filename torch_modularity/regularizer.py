@@ -242,28 +242,38 @@ class _ChainGram:
             off += self.sizes[l]
         return out
 
-    def _half(self, rows: Dict[int, torch.Tensor], blocks, inv, targets) -> Dict[int, torch.Tensor]:
-        """``(M v)_j`` for the layers ``targets`` from the other side's parts ``rows`` (row layout)."""
-        scaled = {l: r * inv[l][None, :] for l, r in rows.items()}
+    def _raw(self, scaled: Dict[int, torch.Tensor], blocks, targets) -> Dict[int, torch.Tensor]:
+        """``(A v)_j`` for the layers ``targets`` from the other side's (already scaled) parts."""
         out = {}
+        n_layers = len(self.sizes)
         for j in targets:
-            acc = None
-            if j - 1 in scaled:
-                acc = scaled[j - 1] @ blocks[j - 1].T
-            if j + 1 < len(self.sizes) and j + 1 in scaled:
-                t = scaled[j + 1] @ blocks[j]
-                acc = t if acc is None else acc.add_(t)
-            out[j] = acc.mul_(inv[j][None, :])
+            below = scaled.get(j - 1)
+            above = scaled.get(j + 1) if j + 1 < n_layers else None
+            if below is not None and above is not None:
+                out[j] = torch.addmm(below @ blocks[j - 1].T, above, blocks[j])  # one fused accumulate
+            elif below is not None:
+                out[j] = below @ blocks[j - 1].T
+            else:
+                out[j] = above @ blocks[j]
         return out
+
+    def _half(self, rows: Dict[int, torch.Tensor], blocks, inv_rows, targets) -> Dict[int, torch.Tensor]:
+        """``(M v)_j`` for the layers ``targets`` from the other side's parts ``rows`` (row layout);
+        ``inv_rows[l]`` is ``D_l^-1/2`` as a row ``(1, n_l)``."""
+        out = self._raw({l: r * inv_rows[l] for l, r in rows.items()}, blocks, targets)
+        return {j: v.mul_(inv_rows[j]) for j, v in out.items()}
 
     def _split(self, t: torch.Tensor, bounds: Optional[Dict[int, Tuple[int, int]]] = None) -> Dict[int, torch.Tensor]:
         """Per-layer column views of a small-side (default) or large-side row block."""
         return {l: t[:, a:b] for l, (a, b) in (bounds or self.bounds).items()}
 
-    def _gram(self, zt: torch.Tensor, blocks, inv) -> torch.Tensor:
-        y = self._half(self._split(zt), blocks, inv, self.large)
-        back = self._half(y, blocks, inv, self.small)
-        return torch.cat([back[l] for l in self.small], dim=1)
+    def _gram(self, zt: torch.Tensor, blocks, inv_small: torch.Tensor, inv2_rows) -> torch.Tensor:
+        """``G z = S_small A^T S_large^2 A S_small z`` for rows ``zt``; ``inv_small`` is the
+        small side's ``D^-1/2`` as one row, ``inv2_rows[j]`` the large layers' ``D^-1``: the
+        scalings between the two products are applied once."""
+        y = self._raw(self._split(zt * inv_small), blocks, self.large)
+        back = self._raw({j: v.mul_(inv2_rows[j]) for j, v in y.items()}, blocks, self.small)
+        return torch.cat([back[l] for l in self.small], dim=1).mul_(inv_small)
 
     def step(self, blocks, inv, deg, sqrt_d, warm: EigResult, k: int, degree: int, tol: float, max_iter: int,
              num_isolated: int = 0, zero_tol: float = 0.0):
@@ -280,6 +290,10 @@ class _ChainGram:
         m = zt.shape[0]
         if zt.shape[1] != self.n_small or theta.numel() < m or m < k:
             return None
+        # Row-shaped scalings, made once per step (each costs a dispatch per use otherwise).
+        inv_rows = [i[None, :] for i in inv]
+        inv_small = torch.cat([inv[l] for l in self.small])[None, :]
+        inv2_rows = {j: inv_rows[j] * inv_rows[j] for j in self.large}
         v0 = torch.cat([sqrt_d[l] for l in self.small])
         v0 = v0 / v0.norm().clamp_min(torch.finfo(dtype).tiny)
         cached = self._next_cut
@@ -294,21 +308,23 @@ class _ChainGram:
             t0 = (1.0 - c) / e
             rho_prev, rho = 1.0, t0
             y_prev = zt
-            y = (self._gram(zt, blocks, inv) - c * zt) * (1.0 / (e * t0))
+            # In place on the fresh G y: fewer dispatches per step.
+            y = self._gram(zt, blocks, inv_small, inv2_rows).sub_(zt, alpha=c).mul_(1.0 / (e * t0))
             for _ in range(1, degree):
                 rho_next = 2.0 * t0 * rho - rho_prev
-                y_next = (self._gram(y, blocks, inv) - c * y) * (2.0 * rho / (e * rho_next)) - y_prev * (rho_prev / rho_next)
+                y_next = (self._gram(y, blocks, inv_small, inv2_rows).sub_(y, alpha=c).mul_(2.0 * rho / (e * rho_next))
+                          .sub_(y_prev, alpha=rho_prev / rho_next))
                 y_prev, y, rho_prev, rho = y, y_next, rho, rho_next
             y[0] = v0  # the exact top eigenvector (sigma = 1) replaces the most amplified direction
             q = _orthonormal_rows(y)  # (m, n_small)
-            bq = self._half(self._split(q), blocks, inv, self.large)
+            bq = self._half(self._split(q), blocks, inv_rows, self.large)
             bq_t = torch.cat([bq[l] for l in self.large], dim=1)  # (m, n_large)
             h = bq_t @ bq_t.T
             theta, u = _small_eigh((h + h.T) * 0.5)
             theta, u = theta.flip(0), u.flip(1)
             zt = u.T @ q  # all m Ritz vectors: the next warm start
             yk = u[:, :k].T @ bq_t  # B z for the k wanted ones, (k, n_large)
-            gz = self._half(self._split(yk, self.large_bounds), blocks, inv, self.small)
+            gz = self._half(self._split(yk, self.large_bounds), blocks, inv_rows, self.small)
             gzt = torch.cat([gz[l] for l in self.small], dim=1)  # G z, (k, n_small)
             res = (gzt - theta[:k, None] * zt[:k]).norm(dim=1)
             # Everything the host decides on, read in one synchronisation.
@@ -328,9 +344,9 @@ class _ChainGram:
         zp = _orthonormal_rows(gzt)
         signs = torch.sign((zp * zt[:k]).sum(dim=1))
         zp = zp * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
-        yk = torch.cat([v for v in self._half(self._split(zp), blocks, inv, self.large).values()], dim=1)
+        yk = torch.cat([v for v in self._half(self._split(zp), blocks, inv_rows, self.large).values()], dim=1)
         sigma = yk.norm(dim=1).clamp_min(torch.finfo(dtype).tiny)
-        gz = self._half(self._split(yk, self.large_bounds), blocks, inv, self.small)
+        gz = self._half(self._split(yk, self.large_bounds), blocks, inv_rows, self.small)
         gzt = torch.cat([gz[l] for l in self.small], dim=1)
         r2 = math.sqrt(2.0)
         xs: List[Optional[torch.Tensor]] = [None] * len(self.sizes)
@@ -424,20 +440,27 @@ class _HFTrace(torch.autograd.Function):
                 if l < n_layers - 1:
                     qt = uts[l + 1] @ blocks[l]  # (A_l^T U_{l+1})^T, (k, n_l)
                     acc = qt if acc is None else acc + qt
-            r = 2.0 * ((xts[l] * c) * acc).sum(dim=0)
-            g.append(-0.5 * r * inv[l] ** 3)
+            # g_l = -r_l d_l^-3/2 / 2 with r_l = 2 rowsum((X_l c) * acc): the factors cancel.
+            g.append(torch.mul(xts[l], c).mul_(acc).sum(dim=0).mul_(inv[l].pow(3)).neg_()[None, :])
         grads = []
+        c2 = 2.0 * c
+        ones = {}
         for l, w in enumerate(weights):
             if not w.requires_grad:
                 grads.append(None)
                 continue
             a = blocks[l]
-            ones_dst, ones_src = torch.ones_like(g[l + 1])[None, :], torch.ones_like(g[l])[None, :]
-            left = torch.cat([2.0 * uts[l + 1] * c, g[l + 1][None, :], ones_dst], dim=0)  # (k + 2, n_dst)
-            right = torch.cat([uts[l], ones_src, g[l][None, :]], dim=0)  # (k + 2, n_src)
+            ones_dst = ones.setdefault(g[l + 1].shape[1], torch.ones_like(g[l + 1]))
+            ones_src = ones.setdefault(g[l].shape[1], torch.ones_like(g[l]))
+            left = torch.cat([uts[l + 1] * c2, g[l + 1], ones_dst], dim=0)  # (k + 2, n_dst)
+            right = torch.cat([uts[l], ones_src, g[l]], dim=0)  # (k + 2, n_src)
             grad_a = left.T @ right
-            grad_w = grad_a.mul_(torch.sign(w.detach().to(device=a.device, dtype=a.dtype)))
-            grads.append(grad_w.to(device=w.device, dtype=w.dtype))
+            wd = w.detach()
+            if wd.device != a.device or wd.dtype != a.dtype:
+                wd = wd.to(device=a.device, dtype=a.dtype)
+            grad_w = grad_a.mul_(wd.sign())
+            grads.append(grad_w if grad_w.dtype == w.dtype and grad_w.device == w.device
+                         else grad_w.to(device=w.device, dtype=w.dtype))
         return (None, *grads)
 
 
