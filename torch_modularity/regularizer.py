@@ -32,9 +32,9 @@ naive dense-``eigh`` step ~80x) with a gradient error of ~4-8e-7 against float64
 a Rayleigh-Ritz step and a polishing power step (:class:`_ChainGram`), whose by-products give
 ``M X`` exactly, so the HF loss needs no GEMM of its own and its backward one per layer.
 ``every=N`` skips the solver on the steps in between (gradient error ~4e-3 after one reused
-step, growing linearly). On a GPU (an H200) the same step is launch-bound: ~330 small kernels
-and one host synchronisation per step add ~8.6 ms to a 2.2 ms plain step of that MLP; the
-small ``eigh``/QR of the solver run on the host, where they are cheaper at these sizes.
+step, growing linearly). On a GPU (an H200) the same step is launch-bound: a few hundred small
+kernels and one host synchronisation per step add ~7.5 ms to a 2 ms plain step of that MLP;
+the small ``eigh``/QR of the solver run on the host, where they are cheaper at these sizes.
 
 Relation to the research code (``method.md`` section 5): its gradient was exactly 0.5x the true
 derivative of its loss ``(cluster_lambda / num_cluster_eigs) * sum(lambda_2 .. lambda_{k+1})``
