@@ -62,6 +62,9 @@ def test_bad_device_is_a_clear_error():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             spectral_clustering(WeightGraph.from_weights(ws), n_clusters=3, device="cuda")
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            spectral_clustering(WeightGraph.from_weights(ws), n_clusters=3, device=f"cuda:{torch.cuda.device_count()}")
 
 
 def test_explicit_cpu_device_gives_the_default_result(monkeypatch):
