@@ -222,7 +222,9 @@ def quality_case(table: Table, planted: bool, seeds: int):
 def shuffles_case(table: Table, n_shuffles: int, ref_shuffles: int):
     graph = mlp_graph([784, 256, 256, 256, 256, 10], seed=0)
     clusterability(graph, n_clusters=K, n_shuffles=2)  # warm-up (pool start-up code paths)
-    result, our_t, our_mb = timed(lambda: clusterability(graph, n_clusters=K, n_shuffles=n_shuffles, seed=0))
+    # Best of up to 3 runs, as the single-graph cases (each run starts its own worker pool).
+    result, our_t, our_mb, our_runs = best_of(
+        lambda: clusterability(graph, n_clusters=K, n_shuffles=n_shuffles, seed=0), budget_s=20.0)
     # Reference: the research code shuffles each matrix, rebuilds the CSR graph and runs sklearn.
     from torch_modularity.shuffle import shuffle_weights
 
@@ -242,7 +244,7 @@ def shuffles_case(table: Table, n_shuffles: int, ref_shuffles: int):
     table.add(f"{n_shuffles} shuffles, 784-256x4-10", graph.num_nodes, graph.num_edges, ref_t * scale, ref_mb,
               float(np.mean(ref_values)), our_t, our_mb, result.mean, "<= 5 s on 2 cores",
               f"reference sequential, timed on {ref_shuffles} shuffles and scaled x{scale:.0f}; "
-              f"n-cut columns are shuffle means; ours used {os.cpu_count()} worker processes")
+              f"n-cut columns are shuffle means; ours used {os.cpu_count()} worker processes, best of {our_runs} runs")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

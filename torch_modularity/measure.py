@@ -301,15 +301,19 @@ def clusterability(
     device = resolve_device(device, graph)
     if device.type != "cpu" and not _uses_block_solver(small.layer_sizes, colour):
         device = torch.device("cpu")  # nothing would run there: keep the process pool for the shuffles
-    part = _cluster_blocks(small.layer_sizes, blocks, colour, int(n_clusters),
-                           np.random.default_rng(np.random.SeedSequence(seed)), n_init, refine, device=device)
-    n_components = small.connected_components()[0]
     on_accelerator = device.type != "cpu"
+
+    def measure_network():
+        return (_cluster_blocks(small.layer_sizes, blocks, colour, int(n_clusters),
+                                np.random.default_rng(np.random.SeedSequence(seed)), n_init, refine, device=device),
+                small.connected_components()[0])
 
     payload = (small.layer_sizes, small.layer_names, blocks)
     ncuts = np.full(n_shuffles, np.nan)
     isolated = np.zeros(n_shuffles, dtype=np.int64)
-    if n_shuffles:
+    if not n_shuffles:
+        part, n_components = measure_network()
+    else:
         workers = n_workers or _default_workers()
         own_pool = None
         if on_accelerator:
@@ -318,23 +322,26 @@ def clusterability(
             executor = own_pool = _make_pool(min(workers, n_shuffles))
         chunks = np.array_split(np.arange(n_shuffles), min(n_shuffles, 4 * workers))
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            # delay: no bar at all when the shuffles finish within a second
-            bar = tqdm(total=n_shuffles, desc="shuffles", unit="shuffle", file=sys.stderr, delay=1.0)
         try:
+            futures = []
+            if executor is not None:
+                # The shuffles start first; the network itself is measured here meanwhile.
+                futures = [executor.submit(_run_shuffles, payload, c.tolist(), shuffle, int(n_clusters), seed, n_init,
+                                           refine) for c in chunks]
+            part, n_components = measure_network()
+            if progress:
+                from tqdm.auto import tqdm
+
+                # delay: no bar at all when the shuffles finish within a second
+                bar = tqdm(total=n_shuffles, desc="shuffles", unit="shuffle", file=sys.stderr, delay=1.0)
+            results = []
             if executor is None:
-                results = []
                 for chunk in chunks:
                     results.append(_run_shuffles(payload, chunk.tolist(), shuffle, int(n_clusters), seed, n_init, refine,
                                                  device))
                     if bar is not None:
                         bar.update(len(chunk))
             else:
-                futures = [executor.submit(_run_shuffles, payload, c.tolist(), shuffle, int(n_clusters), seed, n_init, refine)
-                           for c in chunks]
-                results = []
                 for fut in cf.as_completed(futures):
                     results.append(fut.result())
                     if bar is not None:
