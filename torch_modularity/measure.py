@@ -328,7 +328,12 @@ def clusterability(
                 # The shuffles start first; the network itself is measured here meanwhile.
                 futures = [executor.submit(_run_shuffles, payload, c.tolist(), shuffle, int(n_clusters), seed, n_init,
                                            refine) for c in chunks]
-            part, n_components = measure_network()
+            try:
+                part, n_components = measure_network()
+            except BaseException:
+                for fut in futures:  # a caller's executor would otherwise run them for nothing
+                    fut.cancel()
+                raise
             if progress:
                 from tqdm.auto import tqdm
 
