@@ -175,7 +175,7 @@ class WeightGraph:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def _from_checked(cls, sizes, blocks, names, unit_index) -> "WeightGraph":
+    def _from_checked(cls, sizes, blocks, names, unit_index=None) -> "WeightGraph":
         """A graph from blocks taken from a checked graph (non-negative, finite, right shapes),
         e.g. a subgraph or a shuffle: no second validation pass and no copies (for a 100k-node
         pruned net that pass was ~0.8 s). Dense numpy blocks are wrapped without a copy."""
@@ -189,6 +189,8 @@ class WeightGraph:
             EdgeBlock(int(src), int(dst), torch.from_numpy(w) if isinstance(w, np.ndarray) else w)
             for src, dst, w in blocks
         )
+        if unit_index is None:
+            unit_index = [np.arange(n) for n in g._sizes]
         g._unit_index = tuple(np.asarray(u, dtype=np.int64) for u in unit_index)
         return g
 

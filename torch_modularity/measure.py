@@ -176,8 +176,7 @@ def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: in
         perm_seed, clus_seed = _shuffle_seeds(seed, i)
         shuffled = shuffle_weights([w for _, _, w in blocks], method, np.random.default_rng(perm_seed))
         # Shuffled values of a checked graph are still non-negative and finite.
-        g = WeightGraph._from_checked(sizes, [(s, d, w) for (s, d, _), w in zip(blocks, shuffled)], names,
-                                      [np.arange(n) for n in sizes])
+        g = WeightGraph._from_checked(sizes, [(s, d, w) for (s, d, _), w in zip(blocks, shuffled)], names)
         small = g.remove_isolated()[0]
         if small.num_nodes < k:
             raise ValueError(

@@ -263,6 +263,12 @@ class _ChainGram:
         out = self._raw({l: r * inv_rows[l] for l, r in rows.items()}, blocks, targets)
         return {j: v.mul_(inv_rows[j]) for j, v in out.items()}
 
+    def _half_rows(self, t: torch.Tensor, blocks, inv_rows, to_large: bool) -> torch.Tensor:
+        """``B t`` (``to_large``) or ``B^T t`` for a row block ``t`` of the other side, as one row block."""
+        src_bounds, targets = (self.bounds, self.large) if to_large else (self.large_bounds, self.small)
+        out = self._half(self._split(t, src_bounds), blocks, inv_rows, targets)
+        return torch.cat([out[l] for l in targets], dim=1)
+
     def _split(self, t: torch.Tensor, bounds: Optional[Dict[int, Tuple[int, int]]] = None) -> Dict[int, torch.Tensor]:
         """Per-layer column views of a small-side (default) or large-side row block."""
         return {l: t[:, a:b] for l, (a, b) in (bounds or self.bounds).items()}
@@ -275,7 +281,7 @@ class _ChainGram:
         back = self._raw({j: v.mul_(inv2_rows[j]) for j, v in y.items()}, blocks, self.small)
         return torch.cat([back[l] for l in self.small], dim=1).mul_(inv_small)
 
-    def step(self, blocks, inv, deg, sqrt_d, warm: EigResult, k: int, degree: int, tol: float, max_iter: int,
+    def step(self, blocks, inv, sqrt_d, warm: EigResult, k: int, degree: int, tol: float, max_iter: int,
              num_isolated: int = 0, zero_tol: float = 0.0):
         """Iterate from ``warm`` until the ``k`` wanted residuals meet ``tol`` (at most ``max_iter`` times).
 
@@ -317,15 +323,13 @@ class _ChainGram:
                 y_prev, y, rho_prev, rho = y, y_next, rho, rho_next
             y[0] = v0  # the exact top eigenvector (sigma = 1) replaces the most amplified direction
             q = _orthonormal_rows(y)  # (m, n_small)
-            bq = self._half(self._split(q), blocks, inv_rows, self.large)
-            bq_t = torch.cat([bq[l] for l in self.large], dim=1)  # (m, n_large)
+            bq_t = self._half_rows(q, blocks, inv_rows, to_large=True)  # (m, n_large)
             h = bq_t @ bq_t.T
             theta, u = _small_eigh((h + h.T) * 0.5)
             theta, u = theta.flip(0), u.flip(1)
             zt = u.T @ q  # all m Ritz vectors: the next warm start
             yk = u[:, :k].T @ bq_t  # B z for the k wanted ones, (k, n_large)
-            gz = self._half(self._split(yk, self.large_bounds), blocks, inv_rows, self.small)
-            gzt = torch.cat([gz[l] for l in self.small], dim=1)  # G z, (k, n_small)
+            gzt = self._half_rows(yk, blocks, inv_rows, to_large=False)  # G z, (k, n_small)
             res = (gzt - theta[:k, None] * zt[:k]).norm(dim=1)
             # Everything the host decides on, read in one synchronisation.
             worst, sigma2_k, smallest, n_zero = torch.stack(
@@ -344,10 +348,9 @@ class _ChainGram:
         zp = _orthonormal_rows(gzt)
         signs = torch.sign((zp * zt[:k]).sum(dim=1))
         zp = zp * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
-        yk = torch.cat([v for v in self._half(self._split(zp), blocks, inv_rows, self.large).values()], dim=1)
+        yk = self._half_rows(zp, blocks, inv_rows, to_large=True)
         sigma = yk.norm(dim=1).clamp_min(torch.finfo(dtype).tiny)
-        gz = self._half(self._split(yk, self.large_bounds), blocks, inv_rows, self.small)
-        gzt = torch.cat([gz[l] for l in self.small], dim=1)
+        gzt = self._half_rows(yk, blocks, inv_rows, to_large=False)
         r2 = math.sqrt(2.0)
         xs: List[Optional[torch.Tensor]] = [None] * len(self.sizes)
         mxs: List[Optional[torch.Tensor]] = [None] * len(self.sizes)
@@ -444,14 +447,13 @@ class _HFTrace(torch.autograd.Function):
             g.append(torch.mul(xts[l], c).mul_(acc).sum(dim=0).mul_(inv[l].pow(3)).neg_()[None, :])
         grads = []
         c2 = 2.0 * c
-        ones = {}
+        ones = [torch.ones_like(gl) for gl in g]
         for l, w in enumerate(weights):
             if not w.requires_grad:
                 grads.append(None)
                 continue
             a = blocks[l]
-            ones_dst = ones.setdefault(g[l + 1].shape[1], torch.ones_like(g[l + 1]))
-            ones_src = ones.setdefault(g[l].shape[1], torch.ones_like(g[l]))
+            ones_dst, ones_src = ones[l + 1], ones[l]
             left = torch.cat([uts[l + 1] * c2, g[l + 1], ones_dst], dim=0)  # (k + 2, n_dst)
             right = torch.cat([uts[l], ones_src, g[l]], dim=0)  # (k + 2, n_src)
             grad_a = left.T @ right
@@ -847,7 +849,7 @@ class SpectralRegularizer:
             sqrt_d = [d.clamp_min(0).sqrt() for d in deg]
             mx = None
             if self._vectors is None or self.steps % self.every == 0:
-                lean = self._lean_step(blocks, inv, deg, sqrt_d, cdtype, int(n_isolated))
+                lean = self._lean_step(blocks, inv, sqrt_d, cdtype, int(n_isolated))
                 if lean is not None:
                     res, self._vectors, mx = lean
                 else:
@@ -868,7 +870,7 @@ class SpectralRegularizer:
         self._eigs = (1.0 - q.detach()).sort().values[1:]
         return total * self.weight
 
-    def _lean_step(self, blocks, inv, deg, sqrt_d, cdtype, num_isolated: int = 0):
+    def _lean_step(self, blocks, inv, sqrt_d, cdtype, num_isolated: int = 0):
         """The warm per-step solve on a chain (:class:`_ChainGram`), or ``None`` to use :meth:`_solve`."""
         warm = self.last_result
         if (warm is None or warm.method != "gram" or warm.block.dim() != 2
@@ -877,7 +879,7 @@ class SpectralRegularizer:
         if self._chain_gram is None:
             self._chain_gram = _ChainGram(self.layer_sizes)
         tol = self.tol if self.tol is not None else default_tol(cdtype)
-        out = self._chain_gram.step(blocks, inv, deg, sqrt_d, warm, self.k, self.degree, tol, self.max_iter,
+        out = self._chain_gram.step(blocks, inv, sqrt_d, warm, self.k, self.degree, tol, self.max_iter,
                                     num_isolated, self._zero_tol(cdtype))
         if out is None:
             return None

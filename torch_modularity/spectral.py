@@ -247,11 +247,8 @@ def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dt
             moved[id(m)] = t
             moved[id(mt)] = _torch_block(mt).to(device) if sp.issparse(mt) else t.T
 
-        def to_device(m):
-            return moved[id(m)]
-
-        fwd = [(to_device(m), out, inp) for m, out, inp in gram._fwd]
-        bwd = [(to_device(m), out, inp) for m, out, inp in gram._bwd]
+        fwd = [(moved[id(m)], out, inp) for m, out, inp in gram._fwd]
+        bwd = [(moved[id(m)], out, inp) for m, out, inp in gram._bwd]
 
     op_threads = torch.get_num_threads()
     tdtype = torch.float32 if dtype == np.float32 else torch.float64
