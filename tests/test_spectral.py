@@ -261,3 +261,54 @@ def test_disconnected_graph_clusterability_reports_components():
     result = clusterability(g, n_clusters=3, n_shuffles=2, n_workers=1)
     assert result.n_components == 2
     _assert_exactly_k(result.labels, 3, g.num_nodes)
+
+
+# --------------------------------------------------------------------------- k-means
+def _inertia(x, labels):
+    return sum(float(((x[labels == c] - x[labels == c].mean(axis=0)) ** 2).sum()) for c in np.unique(labels))
+
+
+def test_kmeans_recovers_separated_blobs_like_sklearn():
+    from sklearn.cluster import KMeans
+
+    from torch_modularity.spectral import kmeans
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=10.0, size=(6, 4))
+    truth = rng.integers(0, 6, 900)
+    x = centres[truth] + rng.normal(size=(900, 4))
+    ours = kmeans(x, 6, 3, np.random.default_rng(1))
+    ref = KMeans(6, n_init=3, random_state=1).fit(x).labels_
+    assert adjusted_rand_score(truth, ref) == pytest.approx(1.0)
+    assert adjusted_rand_score(truth, ours) == pytest.approx(1.0)
+
+
+def test_kmeans_inertia_like_sklearn_on_structureless_data():
+    # No true clusters: both find local optima; ours (incrementally updated cluster sums,
+    # GEMM assignment) must be as good on average and close on each draw.
+    from sklearn.cluster import KMeans
+
+    from torch_modularity.spectral import kmeans
+
+    ours, ref = [], []
+    for seed in range(6):
+        x = np.random.default_rng(seed).standard_normal((1500, 12))
+        labels = kmeans(x, 12, 3, np.random.default_rng(seed))
+        assert np.bincount(labels, minlength=12).min() > 0
+        ours.append(_inertia(x, labels))
+        ref.append(KMeans(12, n_init=3, random_state=seed).fit(x).inertia_)
+    ours, ref = np.array(ours), np.array(ref)
+    assert np.all(ours <= 1.02 * ref)
+    assert ours.mean() <= 1.005 * ref.mean()
+
+
+def test_kmeans_is_a_fixed_point_of_lloyd():
+    # The returned partition assigns every point to its nearest cluster mean (Lloyd converged),
+    # i.e. the incremental sums did not drift from the true cluster means.
+    from torch_modularity.spectral import kmeans
+
+    x = np.random.default_rng(3).standard_normal((3000, 8))
+    labels = kmeans(x, 10, 2, np.random.default_rng(0))
+    means = np.stack([x[labels == c].mean(axis=0) for c in range(10)])
+    nearest = ((x[:, None, :] - means[None]) ** 2).sum(axis=2).argmin(axis=1)
+    assert np.mean(nearest == labels) > 0.999
