@@ -6,7 +6,7 @@ depend on e_i (its edge weight to each cluster) and its degree d_i. Nodes of one
 no edges between them (and in a bipartite graph neither do nodes of one colour class), so a
 whole batch of such nodes can move at once: their e_i do not change, and the new cluster
 totals are exact sums. A batch is accepted only if the exact new n-cut is lower; otherwise it
-is halved (keeping the best single gains). The result is never worse than the start and
+is halved (keeping the best single gains); all the halvings are scored at once. The result is never worse than the start and
 always keeps every cluster non-empty.
 """
 from __future__ import annotations
@@ -83,17 +83,25 @@ def refine_partition(
     current = start = _ncut_from_totals(w_in, vol, eps)
     layer_of = np.repeat(np.arange(len(sizes)), sizes)
 
+    # Blocks touching each layer, as (matrix, other layer, layer is the block's source).
+    touching: List[List[Tuple[object, int, bool]]] = [[] for _ in sizes]
+    for src, dst, w in blocks:
+        touching[src].append((w, dst, True))
+        touching[dst].append((w, src, False))
+
     def apply_moves(nodes: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
         """Update e of the neighbours of the moved ``nodes``."""
+        rows = np.arange(nodes.size)
+        change_all = np.zeros((nodes.size, k), dtype=dtype)
+        change_all[rows, new] = 1
+        change_all[rows, old] -= 1
         moved_layer = layer_of[nodes]
-        for src, dst, w in blocks:
-            for here, there, mat in ((src, dst, w), (dst, src, None)):
-                sel = np.nonzero(moved_layer == here)[0]
-                if sel.size == 0:
-                    continue
-                local = nodes[sel] - offsets[here]
-                change = one_hot(new[sel], k, dtype) - one_hot(old[sel], k, dtype)
-                if mat is None:  # moved nodes are destinations: e[src] += W[local, :]^T @ change (row gather)
+        for here in np.unique(moved_layer):
+            sel = np.nonzero(moved_layer == here)[0]
+            local = nodes[sel] - offsets[here]
+            change = change_all[sel]
+            for w, there, is_src in touching[here]:
+                if not is_src:  # moved nodes are destinations: e[src] += W[local, :]^T @ change (row gather)
                     e[layer_slice(there)] += w[local, :].T @ change
                 elif local.size * _GATHER_RATIO >= w.shape[1]:
                     # Moved sources: a column gather touches a cache line per entry (and CSR
@@ -128,36 +136,76 @@ def refine_partition(
                 if cand.size == 0:
                     break
                 cand = cand[np.argsort(best[cand])]
-                size, accepted = cand.size, False
-                while size > 0:
-                    batch = cand[:size]
-                    out_count = np.bincount(a[batch], minlength=k)
-                    in_count = np.bincount(best_b[batch], minlength=k)
-                    if np.any(counts - out_count + in_count <= 0):
-                        batch = _keep_nonempty(batch, a, best_b, counts, k)  # never empty a cluster
-                        if batch.size == 0:
-                            break
-                    src_c, dst_c = a[batch], best_b[batch]
-                    # Nodes of one group share no edges, so the batch's totals simply add up.
-                    new_w = w_in - 2 * np.bincount(src_c, weights=eg[batch, src_c], minlength=k) \
-                        + 2 * np.bincount(dst_c, weights=eg[batch, dst_c], minlength=k)
-                    new_vol = vol - np.bincount(src_c, weights=d[batch], minlength=k) \
-                        + np.bincount(dst_c, weights=d[batch], minlength=k)
-                    value = _ncut_from_totals(new_w, new_vol, eps)
-                    if value < current - 1e-12:
-                        labels[ids[batch]] = dst_c
-                        apply_moves(ids[batch], src_c, dst_c)
-                        counts = counts - np.bincount(src_c, minlength=k) + np.bincount(dst_c, minlength=k)
-                        w_in, vol, current = new_w, new_vol, value
-                        improved = accepted = True
-                        break
-                    size = batch.size // 2
-                if not accepted:
+                batch = _best_prefix(cand, a, best_b, eg, d, w_in, vol, counts, current, k, eps)
+                if batch is None:
                     break
+                src_c, dst_c = a[batch], best_b[batch]
+                # Nodes of one group share no edges, so the batch's totals simply add up.
+                w_in = w_in - 2 * np.bincount(src_c, weights=eg[batch, src_c], minlength=k) \
+                    + 2 * np.bincount(dst_c, weights=eg[batch, dst_c], minlength=k)
+                vol = vol - np.bincount(src_c, weights=d[batch], minlength=k) \
+                    + np.bincount(dst_c, weights=d[batch], minlength=k)
+                current = _ncut_from_totals(w_in, vol, eps)
+                labels[ids[batch]] = dst_c
+                apply_moves(ids[batch], src_c, dst_c)
+                counts = counts - np.bincount(src_c, minlength=k) + np.bincount(dst_c, minlength=k)
+                improved = True
         if not improved:
             break
     return (labels, current, start) if return_start else (labels, current)
 
+
+def _best_prefix(cand, a, best_b, eg, d, w_in, vol, counts, current, k, eps):
+    """The moves to make: the longest of the prefixes of ``cand`` (sorted by single-move gain)
+    of length ``m, m/2, m/4, ...`` whose exact n-cut is lower than ``current``, or ``None``.
+
+    Moving a set of nodes of one group changes the cluster totals by the sum of the single
+    moves' changes (they share no edges), so the totals of every prefix are cumulative sums
+    and all prefixes are scored at once. A prefix that would empty a cluster is replaced by
+    its moves that keep every cluster non-empty. (Taking the prefix with the lowest n-cut
+    instead converged to worse partitions on the 20k-node MLP; the longest improving prefix
+    of any length, to much worse ones.)
+    """
+    m = cand.size
+    rows = np.arange(m)
+    src_c, dst_c = a[cand], best_b[cand]
+    dw = np.zeros((m, k))
+    dw[rows, src_c] = -2 * eg[cand, src_c]
+    dw[rows, dst_c] += 2 * eg[cand, dst_c]
+    dv = np.zeros((m, k))
+    dv[rows, src_c] = -d[cand]
+    dv[rows, dst_c] += d[cand]
+    sizes = []
+    size = m
+    while size > 0:
+        sizes.append(size)
+        size //= 2
+    at = np.asarray(sizes) - 1
+    new_w = w_in[None, :] + np.cumsum(dw, axis=0)[at]
+    new_vol = vol[None, :] + np.cumsum(dv, axis=0)[at]
+    values = np.sum(np.maximum(new_vol - new_w, 0.0) / (new_vol + eps), axis=1)
+    if np.all(np.bincount(src_c, minlength=k) < counts):
+        valid = np.ones(len(sizes), dtype=bool)  # not even all the moves together empty a cluster
+    else:
+        dc = np.zeros((m, k), dtype=np.int64)
+        dc[rows, src_c] = -1
+        dc[rows, dst_c] += 1
+        valid = np.all(counts[None, :] + np.cumsum(dc, axis=0)[at] > 0, axis=1)
+    for size, value, ok in zip(sizes, values, valid):
+        if ok:
+            if value < current - 1e-12:
+                return cand[:size]
+            continue
+        batch = _keep_nonempty(cand[:size], a, best_b, counts, k)  # never empty a cluster
+        if batch.size == 0:
+            continue
+        bs, bd = a[batch], best_b[batch]
+        w = w_in - 2 * np.bincount(bs, weights=eg[batch, bs], minlength=k) \
+            + 2 * np.bincount(bd, weights=eg[batch, bd], minlength=k)
+        v = vol - np.bincount(bs, weights=d[batch], minlength=k) + np.bincount(bd, weights=d[batch], minlength=k)
+        if _ncut_from_totals(w, v, eps) < current - 1e-12:
+            return batch
+    return None
 
 def _keep_nonempty(batch: np.ndarray, a: np.ndarray, b: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
     """Moves of ``batch`` (in order of gain) that keep every cluster non-empty."""
