@@ -541,15 +541,23 @@ class WeightGraph:
             >>> small.num_nodes, kept.tolist()
             (3, [0, 2, 3])
         """
-        keep = self.degrees() > 0
+        small, kept, _ = self._remove_isolated_with_degrees()
+        return small, kept
+
+    def _remove_isolated_with_degrees(self) -> Tuple["WeightGraph", np.ndarray, np.ndarray]:
+        """:meth:`remove_isolated` and the kept nodes' degrees (unchanged by removing isolated
+        nodes), so that the engine need not sum every block again (0.1 s on a 20k-node MLP)."""
+        deg = self.degrees()
+        keep = deg > 0
         if keep.all():
-            return self, np.arange(self.num_nodes)
+            return self, np.arange(self.num_nodes), deg
         if not keep.any():
             raise ValueError(
                 f"all {self.num_nodes} nodes are isolated (every weight is zero): there is no graph to measure; "
                 f"check that the model is trained/loaded and not pruned to 100%"
             )
-        return self.subgraph(keep)
+        small, kept = self.subgraph(keep)
+        return small, kept, deg[kept]
 
     def subgraph(self, keep: np.ndarray) -> Tuple["WeightGraph", np.ndarray]:
         """The graph induced by the nodes where ``keep`` is True, and their original ids.

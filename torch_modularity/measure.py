@@ -177,14 +177,14 @@ def _run_shuffles(payload, indices: Sequence[int], method: str, k: int, seed: in
         shuffled = shuffle_weights([w for _, _, w in blocks], method, np.random.default_rng(perm_seed))
         # Shuffled values of a checked graph are still non-negative and finite.
         g = WeightGraph._from_checked(sizes, [(s, d, w) for (s, d, _), w in zip(blocks, shuffled)], names)
-        small = g.remove_isolated()[0]
+        small, _, degrees = g._remove_isolated_with_degrees()
         if small.num_nodes < k:
             raise ValueError(
                 f"shuffle {i} left only {small.num_nodes} connected nodes, fewer than n_clusters={k}; "
                 f"use fewer clusters or the 'layer_nonzero' shuffle"
             )
         part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(blocks[0][2].dtype), small.layer_coloring(), k,
-                               np.random.default_rng(clus_seed), n_init, refine, device=device)
+                               np.random.default_rng(clus_seed), n_init, refine, device=device, degrees=degrees)
         out.append((i, part.ncut, g.num_nodes - small.num_nodes))
     return out
 
@@ -288,7 +288,7 @@ def clusterability(
         if dead.all():
             raise ValueError("every unit is dead: the network has no input-to-output path")
         measured, kept_live = graph.subgraph(~dead)
-    small, kept = measured.remove_isolated()
+    small, kept, degrees = measured._remove_isolated_with_degrees()
     kept = kept_live[kept]
     if small.num_nodes < n_clusters:
         raise ValueError(
@@ -304,7 +304,8 @@ def clusterability(
 
     def measure_network():
         return (_cluster_blocks(small.layer_sizes, blocks, colour, int(n_clusters),
-                                np.random.default_rng(np.random.SeedSequence(seed)), n_init, refine, device=device),
+                                np.random.default_rng(np.random.SeedSequence(seed)), n_init, refine, device=device,
+                                degrees=degrees),
                 small.connected_components()[0])
 
     payload = (small.layer_sizes, small.layer_names, blocks)

@@ -41,15 +41,22 @@ class _NormalizedBlocks:
     ``M x = D^-1/2 (A (D^-1/2 x))``.
     """
 
-    def __init__(self, sizes: Sequence[int], blocks: Sequence[Tuple[int, int, np.ndarray]], dtype=None):
+    def __init__(self, sizes: Sequence[int], blocks: Sequence[Tuple[int, int, np.ndarray]], dtype=None,
+                 degrees: Optional[np.ndarray] = None):
         dtype = np.dtype(dtype or (blocks[0][2].dtype if blocks else np.float64))
         self.sizes = [int(s) for s in sizes]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.n = int(self.offsets[-1])
-        deg = np.zeros(self.n)
-        for src, dst, w in blocks:
-            deg[self.offsets[dst]:self.offsets[dst + 1]] += _block_sums(w, 1)
-            deg[self.offsets[src]:self.offsets[src + 1]] += _block_sums(w, 0)
+        if degrees is not None:
+            # Already summed by the caller (WeightGraph.degrees, float64 like here).
+            deg = np.asarray(degrees, dtype=np.float64)
+            if deg.shape != (self.n,):
+                raise ValueError(f"degrees must have one entry per node ({self.n}), got shape {deg.shape}")
+        else:
+            deg = np.zeros(self.n)
+            for src, dst, w in blocks:
+                deg[self.offsets[dst]:self.offsets[dst + 1]] += _block_sums(w, 1)
+                deg[self.offsets[src]:self.offsets[src + 1]] += _block_sums(w, 0)
         if np.any(deg <= 0):
             raise ValueError(
                 f"{int(np.sum(deg <= 0))} nodes have no edges; remove isolated nodes first (WeightGraph.remove_isolated)"
@@ -315,8 +322,9 @@ def _embedding_from_blocks(
     rng: np.random.Generator,
     tol: Optional[float] = None,
     device=None,
+    degrees: Optional[np.ndarray] = None,
 ) -> SpectralEmbedding:
-    op = _NormalizedBlocks(sizes, blocks)
+    op = _NormalizedBlocks(sizes, blocks, degrees=degrees)
     if tol is None:
         tol = 1e-5 if op.dtype == np.float32 else 1e-8
     n = op.n
@@ -586,22 +594,22 @@ class _Partition:
 
 
 def _cluster_blocks(sizes, blocks, colour, k: int, rng: np.random.Generator, n_init: int, refine: bool = True,
-                    device=None) -> _Partition:
+                    device=None, degrees: Optional[np.ndarray] = None) -> _Partition:
     """The whole pipeline on numpy blocks of a graph without isolated nodes."""
     # Matrix-vector products, skinny GEMMs and small k-means steps (numpy's OpenBLAS): one
     # thread is as fast on an idle machine and far faster on a busy one (see _threads). The
     # block eigensolver of large graphs runs in torch, with torch's own threads.
     with blas_threads(1):
-        return _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine, device)
+        return _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine, device, degrees)
 
 
-def _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine, device) -> _Partition:
+def _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine, device, degrees=None) -> _Partition:
     n = int(sum(sizes))
     if k < 2:
         raise ValueError(f"n_clusters must be at least 2, got {k}")
     if k > n:
         raise ValueError(f"n_clusters={k} is larger than the number of non-isolated nodes ({n}); use fewer clusters")
-    emb = _embedding_from_blocks(sizes, blocks, colour, k, rng, device=device)
+    emb = _embedding_from_blocks(sizes, blocks, colour, k, rng, device=device, degrees=degrees)
     labels = kmeans(emb.scaled(), k, n_init, rng)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     method = emb.method
@@ -661,9 +669,9 @@ def spectral_clustering(
         An int64 numpy array of labels, one per node, -1 for isolated nodes.
     """
     g = as_graph(graph)
-    small, kept = g.remove_isolated()
+    small, kept, degrees = g._remove_isolated_with_degrees()
     part = _cluster_blocks(small.layer_sizes, small.numpy_blocks(dtype), small.layer_coloring(), int(n_clusters),
-                           _rng(seed), n_init, refine, device=resolve_device(device, g))
+                           _rng(seed), n_init, refine, device=resolve_device(device, g), degrees=degrees)
     full = -np.ones(g.num_nodes, dtype=np.int64)
     full[kept] = part.labels
     return full
