@@ -285,8 +285,8 @@ class _ChainGram:
              num_isolated: int = 0, zero_tol: float = 0.0):
         """Iterate from ``warm`` until the ``k`` wanted residuals meet ``tol`` (at most ``max_iter`` times).
 
-        Returns ``(result, xs, mxs, n_zero)``: an :class:`EigResult` (``method="gram"``), the
-        eigenvectors ``X`` and ``M X`` as per-layer rows ``(k, n_l)``, and how many of the
+        Returns ``(result, x_rows, mx_rows, n_zero)``: an :class:`EigResult` (``method="gram"``),
+        the eigenvectors ``X^T`` and ``(M X)^T`` as rows ``(k, N)`` in node order, and how many of the
         ``k`` eigenvalues are at most ``zero_tol``; or ``None`` when the step cannot be trusted
         (non-finite values, a vanishing ``sigma_k``, or no convergence).
         """
@@ -351,37 +351,45 @@ class _ChainGram:
         yk = self._half_rows(zp, blocks, inv_rows, to_large=True)
         sigma = yk.norm(dim=1).clamp_min(torch.finfo(dtype).tiny)
         gzt = self._half_rows(yk, blocks, inv_rows, to_large=False)
-        r2 = math.sqrt(2.0)
-        xs: List[Optional[torch.Tensor]] = [None] * len(self.sizes)
-        mxs: List[Optional[torch.Tensor]] = [None] * len(self.sizes)
-        for l, (a, b) in self.bounds.items():
-            xs[l] = zp[:, a:b] / r2
-            mxs[l] = gzt[:, a:b] / (sigma[:, None] * r2)  # (M x)_small = B^T y / sqrt(2) = G z / (sigma sqrt(2))
-        for l, (a, b) in self.large_bounds.items():
-            xs[l] = yk[:, a:b] / (sigma[:, None] * r2)
-            mxs[l] = yk[:, a:b] / r2  # (M x)_large = B z / sqrt(2) = sigma x_large
-        xs = [x.contiguous() for x in xs]
-        mxs = [x.contiguous() for x in mxs]
+        # x = (z, B z / sigma) / sqrt(2); (M x)_small = B^T B z / (sigma sqrt(2)), (M x)_large = B z / sqrt(2).
+        inv_sigma = sigma.reciprocal()[:, None]
+        y_over_sigma = yk * inv_sigma
+        gz_over_sigma = gzt * inv_sigma
+        x_parts, mx_parts = [], []
+        for l in range(len(self.sizes)):
+            if l in self.bounds:
+                a, b = self.bounds[l]
+                x_parts.append(zp[:, a:b])
+                mx_parts.append(gz_over_sigma[:, a:b])
+            else:
+                a, b = self.large_bounds[l]
+                x_parts.append(y_over_sigma[:, a:b])
+                mx_parts.append(yk[:, a:b])
+        r2 = 1.0 / math.sqrt(2.0)
+        x_rows = torch.cat(x_parts, dim=1).mul_(r2)  # (k, N), node order
+        mx_rows = torch.cat(mx_parts, dim=1).mul_(r2)
         result = EigResult(
-            eigenvalues=1.0 - sigma, eigenvectors=torch.cat(xs, dim=1).T, block=zt.T, ritz_values=theta,
+            eigenvalues=1.0 - sigma, eigenvectors=x_rows.T, block=zt.T, ritz_values=theta,
             residuals=res, iterations=it + 1, matvecs=(degree + 1) * (it + 1), converged=True, method="gram",
             num_isolated=num_isolated,
         )
         self._next_cut = (theta, smallest)
-        return result, xs, mxs, int(n_zero)
+        return result, x_rows, mx_rows, int(n_zero)
 
 
 class _HFState:
     """Inputs of one penalty evaluation, kept alive by its autograd graph (weak-referenceable)."""
 
-    __slots__ = ("blocks", "inv", "xs", "mx", "sqrt_d", "us", "ps", "acc", "done", "__weakref__")
+    __slots__ = ("blocks", "sizes", "inv", "x", "mx", "sqrt_d", "u", "us", "ps", "acc", "done", "__weakref__")
 
-    def __init__(self, blocks, inv, xs, mx=None, sqrt_d=None):
-        self.blocks, self.inv, self.xs = blocks, inv, xs
-        # M X per layer (rows), when the solver produced it for these very weights: then the
-        # forward and the degree terms of the backward need no GEMM.
+    def __init__(self, blocks, sizes, inv, x, mx=None, sqrt_d=None):
+        # All vectors as rows over the whole graph: x is X^T (k, N), inv / sqrt_d are D^-1/2 and
+        # D^1/2 as (N,); per-layer parts are column views (one op for all layers instead of one per layer).
+        self.blocks, self.sizes, self.inv, self.x = blocks, list(sizes), inv, x
+        # (M X)^T, when the solver produced it for these very weights: then the forward and the
+        # degree terms of the backward need no GEMM.
         self.mx, self.sqrt_d = mx, sqrt_d
-        self.us = self.ps = self.acc = None
+        self.u = self.us = self.ps = self.acc = None
         self.done = False
 
 
@@ -390,9 +398,9 @@ class _HFTrace(torch.autograd.Function):
 
     ``M(W) = D^-1/2 |W| D^-1/2`` with degrees from ``|W|``. Forward and backward are written out
     (three GEMMs per layer in all, with inner dimension ``k`` or ``k + 2``) instead of
-    being traced op by op; the vectors are kept as rows (``X_l^T``, shape ``(k, n_l)``), for
-    which skinny GEMMs run about twice as fast. Per layer ``l`` (``U_l = D_l^-1/2 X_l``,
-    ``P_l = A_l U_l``):
+    being traced op by op; the vectors are kept as rows (``X^T``, shape ``(k, N)``, layer ``l``
+    a column range), for which skinny GEMMs run about twice as fast, and elementwise work is
+    done once over all layers. Per layer ``l`` (``U_l = D_l^-1/2 X_l``, ``P_l = A_l U_l``):
 
     * ``q = 2 sum_l colsum(U_{l+1} * P_l)``;
     * for a cotangent ``c`` (one entry per vector), with ``r_l = 2 rowsum((X_l c) *
@@ -403,27 +411,22 @@ class _HFTrace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, state, *weights):
-        blocks, inv, xts = state.blocks, state.inv, state.xs
-        uts = [xt * i[None, :] for xt, i in zip(xts, inv)]  # (k, n_l)
+        blocks, x = state.blocks, state.x
+        u = x * state.inv[None, :]  # U^T, (k, N)
+        uts = u.split(state.sizes, dim=1)
+        state.u, state.us = u, uts
+        ctx.state = state
+        ctx.save_for_backward(*weights)  # version check: weights must not change before backward
         if state.mx is not None:
-            # q = x^T (M x) summed over layers; (A U)_l = D_l^1/2 (M X)_l for the backward.
-            q = None
-            for xt, mxt in zip(xts, state.mx):
-                term = (xt * mxt).sum(dim=1)
-                q = term if q is None else q + term
-            state.us = uts
-            state.acc = [mxt * sd[None, :] for mxt, sd in zip(state.mx, state.sqrt_d)]
-            ctx.state = state
-            ctx.save_for_backward(*weights)
-            return q
+            # q = x^T (M x); (A U)_l = D_l^1/2 (M X)_l for the backward.
+            state.acc = state.mx * state.sqrt_d[None, :]
+            return (x * state.mx).sum(dim=1)
         pts = [uts[l] @ a.T for l, a in enumerate(blocks)]  # P_l^T, (k, n_{l+1})
         q = None
         for l, pt in enumerate(pts):
             term = (uts[l + 1] * pt).sum(dim=1)
             q = term if q is None else q + term
-        state.us, state.ps = uts, pts
-        ctx.state = state
-        ctx.save_for_backward(*weights)  # version check: weights must not change before backward
+        state.ps = pts
         return 2.0 * q
 
     @staticmethod
@@ -431,32 +434,32 @@ class _HFTrace(torch.autograd.Function):
         st = ctx.state
         weights = ctx.saved_tensors
         st.done = True
-        blocks, inv, xts, uts, pts = st.blocks, st.inv, st.xs, st.us, st.ps
-        n_layers = len(xts)
-        c = grad_q.to(uts[0].dtype)[:, None]
-        g = []
-        for l in range(n_layers):
-            if st.acc is not None:
-                acc = st.acc[l]
-            else:
-                acc = pts[l - 1] if l >= 1 else None
+        blocks, uts = st.blocks, st.us
+        n_layers = len(st.sizes)
+        acc = st.acc
+        if acc is None:
+            # (A U)_l = P_{l-1} + A_l^T U_{l+1}, as rows, for every layer.
+            parts = []
+            for l in range(n_layers):
+                part = st.ps[l - 1] if l >= 1 else None
                 if l < n_layers - 1:
                     qt = uts[l + 1] @ blocks[l]  # (A_l^T U_{l+1})^T, (k, n_l)
-                    acc = qt if acc is None else acc + qt
-            # g_l = -r_l d_l^-3/2 / 2 with r_l = 2 rowsum((X_l c) * acc): the factors cancel.
-            g.append(torch.mul(xts[l], c).mul_(acc).sum(dim=0).mul_(inv[l].pow(3)).neg_()[None, :])
+                    part = qt if part is None else part + qt
+                parts.append(part)
+            acc = torch.cat(parts, dim=1)
+        c = grad_q.to(st.u.dtype)[:, None]
+        # g = -r d^-3/2 / 2 with r = 2 rowsum((X c) * acc): the factors cancel.
+        g = torch.mul(st.x, c).mul_(acc).sum(dim=0).mul_(st.inv.pow(3)).neg_()[None, :]
+        ones = torch.ones_like(g)
+        left = torch.cat([st.u * (2.0 * c), g, ones], dim=0).split(st.sizes, dim=1)  # (k + 2, n_l) views
+        right = torch.cat([st.u, ones, g], dim=0).split(st.sizes, dim=1)
         grads = []
-        c2 = 2.0 * c
-        ones = [torch.ones_like(gl) for gl in g]
         for l, w in enumerate(weights):
             if not w.requires_grad:
                 grads.append(None)
                 continue
             a = blocks[l]
-            ones_dst, ones_src = ones[l + 1], ones[l]
-            left = torch.cat([uts[l + 1] * c2, g[l + 1], ones_dst], dim=0)  # (k + 2, n_dst)
-            right = torch.cat([uts[l], ones_src, g[l]], dim=0)  # (k + 2, n_src)
-            grad_a = left.T @ right
+            grad_a = left[l + 1].T @ right[l]
             wd = w.detach()
             if wd.device != a.device or wd.dtype != a.dtype:
                 wd = wd.to(device=a.device, dtype=a.dtype)
@@ -675,7 +678,7 @@ class SpectralRegularizer:
         self.n_components: Optional[int] = None
         self.disconnected = False
         self.last_result: Optional[EigResult] = None
-        self._vectors: Optional[List[torch.Tensor]] = None  # per-layer (k, n_l) eigenvector parts (rows)
+        self._vectors: Optional[torch.Tensor] = None  # eigenvectors as rows X^T, (k, N)
         self._eigs: Optional[torch.Tensor] = None
         self._warned = False
         self._zero_max = 1
@@ -819,11 +822,10 @@ class SpectralRegularizer:
                     stacklevel=4,
                 )
 
-    def _split_vectors(self, x: torch.Tensor, dtype: torch.dtype, device) -> List[torch.Tensor]:
-        """Per-layer eigenvector parts as rows: ``X_l^T``, contiguous ``(k, n_l)``."""
-        xt = x.to(device=device, dtype=dtype).T.contiguous()
-        offs = np.concatenate([[0], np.cumsum(self.layer_sizes)])
-        return [xt[:, offs[l]:offs[l + 1]].contiguous() for l in range(len(self.layer_sizes))]
+    @staticmethod
+    def _vector_rows(x: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+        """Eigenvectors ``(N, k)`` as rows ``X^T``, contiguous ``(k, N)`` (layer ``l``: a column range)."""
+        return x.to(device=device, dtype=dtype).T.contiguous()
 
     # ------------------------------------------------------------------ main
     def __call__(self) -> torch.Tensor:
@@ -845,8 +847,11 @@ class SpectralRegularizer:
             total_degree, n_isolated = torch.stack([flat.sum(), (flat <= 0).sum().to(flat.dtype)]).tolist()
             if not math.isfinite(total_degree):
                 self._check_finite()  # raises, naming the parameter
-            inv = [_safe_rsqrt(d) for d in deg]
-            sqrt_d = [d.clamp_min(0).sqrt() for d in deg]
+            # Once over all layers, then per-layer views.
+            inv_all = _safe_rsqrt(flat)
+            sqrt_all = flat.clamp_min(0).sqrt()
+            inv = list(inv_all.split(self.layer_sizes))
+            sqrt_d = list(sqrt_all.split(self.layer_sizes))
             mx = None
             if self._vectors is None or self.steps % self.every == 0:
                 lean = self._lean_step(blocks, inv, sqrt_d, cdtype, int(n_isolated))
@@ -854,9 +859,9 @@ class SpectralRegularizer:
                     res, self._vectors, mx = lean
                 else:
                     res = self._solve(blocks, deg)
-                    self._vectors = self._split_vectors(res.eigenvectors, cdtype, device)
-            xs = [v.to(device=device, dtype=cdtype) for v in self._vectors]
-        state = _HFState(blocks, inv, xs, mx, sqrt_d)
+                    self._vectors = self._vector_rows(res.eigenvectors, cdtype, device)
+            x = self._vectors.to(device=device, dtype=cdtype)
+        state = _HFState(blocks, self.layer_sizes, inv_all, x, mx, sqrt_all)
         q = _HFTrace.apply(state, *ws)
         if q.requires_grad:
             self._pending = weakref.ref(state)
@@ -900,8 +905,8 @@ class SpectralRegularizer:
                 self._check_finite()  # raises, naming the parameter
             if self._vectors is None or self.steps % self.every == 0:
                 res = self._solve(blocks, [d.detach() for d in deg])
-                self._vectors = self._split_vectors(res.eigenvectors, cdtype, device)
-            xs = [v.to(device=device, dtype=cdtype) for v in self._vectors]
+                self._vectors = self._vector_rows(res.eigenvectors, cdtype, device)
+            xs = self._vectors.to(device=device, dtype=cdtype).split(self.layer_sizes, dim=1)
         # D^-1/2 with isolated nodes masked; the clamp keeps the derivative finite at degree 0.
         tiny = torch.finfo(cdtype).tiny
         inv = [torch.where(d > 0, d.clamp_min(tiny).rsqrt(), torch.zeros_like(d)) for d in deg]
@@ -952,7 +957,7 @@ class SpectralRegularizer:
             "method": None if res is None else res.method,
             "block": None if res is None else res.block.detach().clone(),
             "ritz_values": None if res is None else res.ritz_values.detach().clone(),
-            "vectors": None if self._vectors is None else torch.cat(self._vectors, dim=1).T.detach().clone(),
+            "vectors": None if self._vectors is None else self._vectors.T.detach().clone(),
             "eigenvalues": None if self._eigs is None else self._eigs.clone(),
             "n_isolated": self.n_isolated,
             "n_components": self.n_components,
@@ -991,7 +996,7 @@ class SpectralRegularizer:
         if vectors is not None:
             if vectors.shape != (sum(self.layer_sizes), k):
                 raise ValueError(f"state_dict vectors have shape {tuple(vectors.shape)}, expected {(sum(self.layer_sizes), k)}")
-            self._vectors = self._split_vectors(vectors, vectors.dtype, device)
+            self._vectors = self._vector_rows(vectors, vectors.dtype, device)
         else:
             self._vectors = None
         self._eigs = state["eigenvalues"].to(device) if state.get("eigenvalues") is not None else None
