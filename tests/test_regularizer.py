@@ -147,6 +147,31 @@ def test_warm_started_training_keeps_the_gradient_exact(planted_weights):
     assert reg._chain_gram is not None  # the warm steps took the lean chain solver
 
 
+def test_reused_buffers_keep_gradients_exact(planted_weights, monkeypatch):
+    """|W| and sign(W) buffers are reused across steps (here for every layer): gradients stay
+    exact while the weights change, and a second penalty taken before the first one's backward
+    gets its own buffers."""
+    from torch_modularity import regularizer as regmod
+
+    monkeypatch.setattr(regmod, "_SCRATCH_MIN", 1)
+    model = _planted_mlp(planted_weights, SIZES, k=3, seed=5)
+    reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, tol=1e-12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(4):
+        opt.zero_grad()
+        if step == 2:
+            first, second = reg(), reg()  # both pending: the second must not write into the first's |W|
+            assert second.item() == pytest.approx(first.item(), rel=1e-9)
+            first.backward()
+        else:
+            reg().backward()
+        ws = [lin.weight.detach().clone().requires_grad_(True) for lin in _linears(model)]
+        ref = torch.autograd.grad(_dense_sum(ws, 3), ws)
+        assert _rel([lin.weight.grad for lin in _linears(model)], ref) < 1e-9
+        opt.step()
+    assert reg._sign_scratch is not None and all(b is not None for b in reg._sign_scratch)
+
+
 def test_every_reuses_the_block_between_recomputes(planted_weights):
     model = _planted_mlp(planted_weights, SIZES, k=3, seed=5)
     reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, every=3, tol=1e-12)
