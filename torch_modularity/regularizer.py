@@ -26,9 +26,12 @@ How (``performance.md`` section 5):
   finite and its gradient bounded; the gap opens within a few training steps.
 
 Cost (``benchmarks/bench_regularizer.py``, 784-256x4-10 MLP, batch 128, Adam, float32, the
-2-core CPU box run alone): a regularized step took ~1.9-2.1x a plain one (plain 7-8 ms; the
-naive dense-``eigh`` step ~80x) with a gradient error of ~4-8e-7 against float64 dense
-``eigh``. On chains, each step is one warm Chebyshev iteration of degree 2 on the Gram operator,
+2-core CPU box run alone): a regularized step took ~1.8x a plain one on one thread, ~2.1x on
+two (plain 7.5 / 4.8 ms; the naive dense-``eigh`` step ~100x) with a gradient error of ~4-5e-7
+against float64 dense ``eigh``. The |W| of every layer (and sign(W) of large layers, for the
+backward) are written into buffers kept between calls: up to two more copies of the weights
+stay allocated, in exchange for the page faults of fresh large tensors (~0.6 s per step on the
+~21k-node MLP 784-4096x5-10). On chains, each step is one warm Chebyshev iteration of degree 2 on the Gram operator,
 a Rayleigh-Ritz step and a polishing power step (:class:`_ChainGram`), whose by-products give
 ``M X`` exactly, so the HF loss needs no GEMM of its own and its backward one per layer.
 ``every=N`` skips the solver on the steps in between (gradient error ~4e-3 after one reused
