@@ -312,3 +312,20 @@ def test_kmeans_is_a_fixed_point_of_lloyd():
     means = np.stack([x[labels == c].mean(axis=0) for c in range(10)])
     nearest = ((x[:, None, :] - means[None]) ** 2).sum(axis=2).argmin(axis=1)
     assert np.mean(nearest == labels) > 0.999
+
+
+def test_lloyd_reseeds_an_empty_cluster_and_keeps_its_sums_exact():
+    # A centre far from every point gets none in the first assignment: it is re-seeded with the
+    # point farthest from its centre, and the incrementally kept sums stay the true cluster sums.
+    from torch_modularity.spectral import _lloyd
+
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(size=(50, 3)), rng.normal(size=(50, 3)) + 6.0])
+    x_aug = np.hstack([x, np.ones((100, 1))])
+    centres = np.array([[0.0, 0, 0], [6.0, 6, 6], [100.0, 100, 100]])
+    labels, final, inertia, dist = _lloyd(x_aug, np.ascontiguousarray(x.T), (x ** 2).sum(axis=1), centres, 100, 0.0)
+    assert np.bincount(labels, minlength=3).min() > 0
+    assert np.all(final[2] < 50)  # the far centre moved to the data
+    means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
+    np.testing.assert_allclose(final, means, atol=1e-9)
+    assert inertia == pytest.approx(_inertia(x, labels), rel=1e-9)
