@@ -6,8 +6,8 @@ depend on e_i (its edge weight to each cluster) and its degree d_i. Nodes of one
 no edges between them (and in a bipartite graph neither do nodes of one colour class), so a
 whole batch of such nodes can move at once: their e_i do not change, and the new cluster
 totals are exact sums. A batch is accepted only if the exact new n-cut is lower; otherwise it
-is halved (keeping the best single gains); all the halvings are scored at once. The result is never worse than the start and
-always keeps every cluster non-empty.
+is halved (keeping the best single gains); all the halvings are scored at once. The result is
+never worse than the start and always keeps every cluster non-empty.
 """
 from __future__ import annotations
 
@@ -206,6 +206,7 @@ def _best_prefix(cand, a, best_b, eg, d, w_in, vol, counts, current, k, eps):
         if _ncut_from_totals(w, v, eps) < current - 1e-12:
             return batch
     return None
+
 
 def _keep_nonempty(batch: np.ndarray, a: np.ndarray, b: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
     """Moves of ``batch`` (in order of gain) that keep every cluster non-empty."""
