@@ -167,30 +167,33 @@ def _best_prefix(cand, a, best_b, eg, d, w_in, vol, counts, current, k, eps):
     of any length, to much worse ones.)
     """
     m = cand.size
-    rows = np.arange(m)
     src_c, dst_c = a[cand], best_b[cand]
-    dw = np.zeros((m, k))
-    dw[rows, src_c] = -2 * eg[cand, src_c]
-    dw[rows, dst_c] += 2 * eg[cand, dst_c]
-    dv = np.zeros((m, k))
-    dv[rows, src_c] = -d[cand]
-    dv[rows, dst_c] += d[cand]
     sizes = []
     size = m
     while size > 0:
         sizes.append(size)
         size //= 2
-    at = np.asarray(sizes) - 1
-    new_w = w_in[None, :] + np.cumsum(dw, axis=0)[at]
-    new_vol = vol[None, :] + np.cumsum(dv, axis=0)[at]
+    ends = np.asarray(sizes[::-1])  # prefix lengths, ascending: 1, ..., m // 2, m
+    n_seg = ends.size
+    # Segment i holds the candidates in prefix i but not in prefix i - 1; per-segment cluster
+    # totals by one bincount per quantity, then a cumulative sum over the few segments.
+    seg = np.searchsorted(ends, np.arange(m), side="right") * k
+    ew = 2.0 * eg[cand, src_c], 2.0 * eg[cand, dst_c]
+
+    def prefix_totals(weights_out, weights_in):
+        per_seg = np.bincount(seg + dst_c, weights=weights_in, minlength=n_seg * k) \
+            - np.bincount(seg + src_c, weights=weights_out, minlength=n_seg * k)
+        return np.cumsum(per_seg.reshape(n_seg, k), axis=0)[::-1]  # descending prefix lengths
+
+    new_w = w_in[None, :] + prefix_totals(ew[0], ew[1])
+    dd = d[cand]
+    new_vol = vol[None, :] + prefix_totals(dd, dd)
     values = np.sum(np.maximum(new_vol - new_w, 0.0) / (new_vol + eps), axis=1)
     if np.all(np.bincount(src_c, minlength=k) < counts):
-        valid = np.ones(len(sizes), dtype=bool)  # not even all the moves together empty a cluster
+        valid = np.ones(n_seg, dtype=bool)  # not even all the moves together empty a cluster
     else:
-        dc = np.zeros((m, k), dtype=np.int64)
-        dc[rows, src_c] = -1
-        dc[rows, dst_c] += 1
-        valid = np.all(counts[None, :] + np.cumsum(dc, axis=0)[at] > 0, axis=1)
+        ones = np.ones(m)
+        valid = np.all(counts[None, :] + prefix_totals(ones, ones) > 0.5, axis=1)
     for size, value, ok in zip(sizes, values, valid):
         if ok:
             if value < current - 1e-12:
