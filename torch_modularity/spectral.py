@@ -379,27 +379,40 @@ def spectral_embedding(graph: GraphLike, n_components: int = 12, seed: int = 0, 
 
 
 # --------------------------------------------------------------------------- k-means
-def _kmeans_plusplus(x: np.ndarray, sq_norms: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Greedy k-means++ seeding (the variant scikit-learn uses): returns centre indices."""
+def _kmeans_plusplus(x: np.ndarray, sq_norms: np.ndarray, k: int, rng: np.random.Generator,
+                     n_seeds: int = 1) -> np.ndarray:
+    """Greedy k-means++ seeding (the variant scikit-learn uses) of ``n_seeds`` independent
+    restarts at once: returns centre indices, ``(n_seeds, k)``.
+
+    The restarts share every numpy call (on a few thousand points the calls, not the
+    arithmetic, are the cost); each draws its own candidates.
+    """
     n = x.shape[0]
     trials = 2 + int(np.log(k))
-    centres = np.empty(k, dtype=np.int64)
-    centres[0] = rng.integers(n)
-    closest = np.maximum(sq_norms - 2 * x @ x[centres[0]] + sq_norms[centres[0]], 0)
+    rows = np.arange(n_seeds)
+    centres = np.empty((n_seeds, k), dtype=np.int64)
+    centres[:, 0] = rng.integers(n, size=n_seeds)
+    first = centres[:, 0]
+    closest = np.maximum(sq_norms[None, :] - 2 * x[first] @ x.T + sq_norms[first, None], 0)
     for c in range(1, k):
-        total = closest.sum()
-        if total <= 0:
-            # Every point coincides with a centre already: pick distinct indices at random.
-            rest = np.setdiff1d(np.arange(n), centres[:c])
-            centres[c] = rng.choice(rest)
-            continue
-        cand = np.searchsorted(np.cumsum(closest), rng.uniform(0, total, trials))
+        total = closest.sum(axis=1)
+        draws = rng.uniform(0, 1, (n_seeds, trials)) * total[:, None]
+        cum = np.cumsum(closest, axis=1)
+        cand = np.stack([np.searchsorted(cum[r], draws[r]) for r in rows])
         cand = np.minimum(cand, n - 1)
-        dist = np.maximum(sq_norms[None, :] - 2 * x[cand] @ x.T + sq_norms[cand, None], 0)
-        dist = np.minimum(dist, closest[None, :])
-        best = int(np.argmin(dist.sum(axis=1)))
-        centres[c] = cand[best]
-        closest = dist[best]
+        flat = cand.ravel()
+        dist = sq_norms[None, :] - 2 * x[flat] @ x.T + sq_norms[flat, None]
+        np.maximum(dist, 0, out=dist)
+        dist = dist.reshape(n_seeds, trials, n)
+        np.minimum(dist, closest[:, None, :], out=dist)
+        best = np.argmin(dist.sum(axis=2), axis=1)
+        centres[:, c] = cand[rows, best]
+        closest = dist[rows, best]
+        for r in np.nonzero(total <= 0)[0]:
+            # Every point of this restart coincides with a centre already: a distinct index at random.
+            rest = np.setdiff1d(np.arange(n), centres[r, :c])
+            centres[r, c] = rng.choice(rest)
+            closest[r] = 0.0
     return centres
 
 
@@ -500,9 +513,10 @@ def kmeans(x: np.ndarray, k: int, n_init: int, rng: np.random.Generator, max_ite
     x_aug[:, :-1] = x
     x_aug[:, -1] = 1.0
     xt = np.ascontiguousarray(x.T)
+    seeds = _kmeans_plusplus(x, sq_norms, k, rng, max(1, int(n_init)))
     best = None
-    for _ in range(max(1, int(n_init))):
-        centres = x[_kmeans_plusplus(x, sq_norms, k, rng)].copy()
+    for idx in seeds:
+        centres = x[idx].copy()
         labels, centres, inertia, dist = _lloyd(x_aug, xt, sq_norms, centres, max_iter, abs_tol, int(change_tol * n))
         if best is None or inertia < best[0]:
             best = (inertia, labels, dist)
