@@ -617,6 +617,13 @@ class _Partition:
     method: str
 
 
+# Eigensolver tolerance when the embedding only feeds k-means (the block solver of large graphs
+# stops at 1e-3 too). Lanczos needs ~17 % fewer products than at 1e-5 on the paper MLP, with
+# the same or lower mean n-cut on the 20 graphs of the quality benchmark; spectral_embedding
+# itself keeps the tighter default.
+_CLUSTER_TOL = 1e-3
+
+
 def _cluster_blocks(sizes, blocks, colour, k: int, rng: np.random.Generator, n_init: int, refine: bool = True,
                     device=None, degrees: Optional[np.ndarray] = None) -> _Partition:
     """The whole pipeline on numpy blocks of a graph without isolated nodes."""
@@ -633,7 +640,7 @@ def _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine, de
         raise ValueError(f"n_clusters must be at least 2, got {k}")
     if k > n:
         raise ValueError(f"n_clusters={k} is larger than the number of non-isolated nodes ({n}); use fewer clusters")
-    emb = _embedding_from_blocks(sizes, blocks, colour, k, rng, device=device, degrees=degrees)
+    emb = _embedding_from_blocks(sizes, blocks, colour, k, rng, tol=_CLUSTER_TOL, device=device, degrees=degrees)
     labels = kmeans(emb.scaled(), k, n_init, rng)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     method = emb.method
