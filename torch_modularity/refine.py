@@ -127,8 +127,13 @@ def refine_partition(
                 vol_a_new = vol[a] - d
                 keep_a = w_in[a] / (vol[a] + eps)
                 new_a = np.where(vol_a_new > 0, (w_in[a] - 2 * e_a) / (vol_a_new + eps), 0.0)
-                gain_b = (w_in[None, :] + 2 * eg) / (vol[None, :] + d[:, None] + eps) - (w_in / (vol + eps))[None, :]
-                delta = (keep_a - new_a)[:, None] - gain_b  # negative = lower n-cut
+                # gain_b = (w_in + 2 e_ib) / (vol_b + d_i) - w_in / vol_b, then delta = (keep_a - new_a) - gain_b,
+                # in place on one (n, k) array (this runs for every group visit).
+                delta = eg * 2.0
+                delta += w_in
+                delta /= np.add.outer(d, vol + eps)
+                delta -= w_in / (vol + eps)
+                np.subtract((keep_a - new_a)[:, None], delta, out=delta)  # negative = lower n-cut
                 delta[rows, a] = np.inf
                 best_b = np.argmin(delta, axis=1)
                 best = delta[rows, best_b]
