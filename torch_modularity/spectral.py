@@ -438,10 +438,10 @@ def _lloyd(x_aug: np.ndarray, xt: np.ndarray, sq_norms: np.ndarray, centres: np.
     sums = counts = None
     c_aug = np.empty((d + 1, k))
     partial = np.empty((n, k))  # reused: a fresh (n, k) array per step costs page faults
+    # Few numpy calls per iteration: on a few thousand points they, not the arithmetic, cost.
+    np.multiply(centres.T, -2.0, out=c_aug[:d])
+    np.einsum("ij,ij->i", centres, centres, out=c_aug[d])
     for _ in range(max_iter):
-        c_aug[:d] = centres.T
-        c_aug[:d] *= -2.0
-        c_aug[d] = (centres ** 2).sum(axis=1)
         np.matmul(x_aug, c_aug, out=partial)
         new_labels = partial.argmin(axis=1)
         if labels is None:
@@ -453,14 +453,14 @@ def _lloyd(x_aug: np.ndarray, xt: np.ndarray, sq_norms: np.ndarray, centres: np.
             if moved.size > n // 8:
                 sums, counts = _cluster_sums(xt, new_labels, k), np.bincount(new_labels, minlength=k)
             else:
-                src, dst = labels[moved], new_labels[moved]
-                np.subtract.at(sums, src, x[moved])
-                np.add.at(sums, dst, x[moved])
-                counts = counts - np.bincount(src, minlength=k) + np.bincount(dst, minlength=k)
+                src, dst, xm = labels[moved], new_labels[moved], x[moved]
+                np.subtract.at(sums, src, xm)
+                np.add.at(sums, dst, xm)
+                counts = counts + np.bincount(dst, minlength=k) - np.bincount(src, minlength=k)
         labels = new_labels
-        empty = np.nonzero(counts == 0)[0]
-        if empty.size:
+        if counts.min() == 0:
             # Re-seed empty clusters with the points farthest from their centres.
+            empty = np.nonzero(counts == 0)[0]
             point_dist = partial[np.arange(n), labels] + sq_norms
             far = np.argsort(point_dist)[::-1][: empty.size]
             for c, p in zip(empty, far):
@@ -469,10 +469,12 @@ def _lloyd(x_aug: np.ndarray, xt: np.ndarray, sq_norms: np.ndarray, centres: np.
                 sums[c] = x[p]
                 counts[c] = 1
                 labels[p] = c
-        new = sums / np.maximum(counts, 1)[:, None]
-        shift = ((new - centres) ** 2).sum()
+        new = sums / counts[:, None]  # every cluster has a point now
+        step = new - centres
         centres = new
-        if shift <= tol:
+        np.multiply(centres.T, -2.0, out=c_aug[:d])
+        np.einsum("ij,ij->i", centres, centres, out=c_aug[d])
+        if np.vdot(step, step) <= tol:
             break
     dist = sq_norms[:, None] - 2 * x @ centres.T + (centres ** 2).sum(axis=1)[None, :]
     labels = np.argmin(dist, axis=1)
