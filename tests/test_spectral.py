@@ -330,3 +330,17 @@ def test_lloyd_reseeds_an_empty_cluster_and_keeps_its_sums_exact():
     means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
     np.testing.assert_allclose(final, means, atol=1e-9)
     assert inertia == pytest.approx(_inertia(x, labels), rel=1e-9)
+
+
+@pytest.mark.parametrize("n_init", [1, 3])
+def test_kmeans_on_coincident_points_and_k_equal_n(n_init):
+    # Seeding runs out of distinct far points (every remaining point sits on a centre): the
+    # remaining centres are distinct random points; k == n gives one point per cluster.
+    from torch_modularity.spectral import kmeans
+
+    x = np.zeros((20, 3))
+    x[0] = 1.0
+    labels = kmeans(x, 5, n_init, np.random.default_rng(0))
+    assert np.bincount(labels, minlength=5).min() == 1 and labels[0] != labels[1]
+    y = np.random.default_rng(1).normal(size=(13, 4))
+    assert sorted(kmeans(y, 13, n_init, np.random.default_rng(0)).tolist()) == list(range(13))
