@@ -184,7 +184,7 @@ def best_of(fn: Callable, budget_s: float = 10.0, most: int = 5):
     return out, t, mb, runs
 
 
-def best_of_pair(ours: Callable, reference: Callable, budget_s: float = 15.0, most: int = 8):
+def best_of_pair(ours: Callable, reference: Callable, budget_s: float = 20.0, most: int = 12):
     """Both pipelines timed in alternation (ours, reference, ours, ...), up to ``most`` runs
     each within ``budget_s``, so that a slow spell of the shared machine hits both alike; the
     speed-up is the ratio of the two minima. Peaks as in :func:`best_of` (first runs only)."""
