@@ -145,11 +145,7 @@ def refine_partition(
                 if batch is None:
                     break
                 src_c, dst_c = a[batch], best_b[batch]
-                # Nodes of one group share no edges, so the batch's totals simply add up.
-                w_in = w_in - 2 * np.bincount(src_c, weights=eg[batch, src_c], minlength=k) \
-                    + 2 * np.bincount(dst_c, weights=eg[batch, dst_c], minlength=k)
-                vol = vol - np.bincount(src_c, weights=d[batch], minlength=k) \
-                    + np.bincount(dst_c, weights=d[batch], minlength=k)
+                w_in, vol = _totals_after(batch, a, best_b, eg, d, w_in, vol, k)
                 current = _ncut_from_totals(w_in, vol, eps)
                 labels[ids[batch]] = dst_c
                 apply_moves(ids[batch], src_c, dst_c)
@@ -158,6 +154,17 @@ def refine_partition(
         if not improved:
             break
     return (labels, current, start) if return_start else (labels, current)
+
+
+def _totals_after(batch, a, best_b, eg, d, w_in, vol, k):
+    """Cluster totals ``(w_in, vol)`` after the moves ``batch`` (from ``a`` to ``best_b``).
+
+    Nodes of one group share no edges, so the moves' changes simply add up."""
+    src_c, dst_c = a[batch], best_b[batch]
+    new_w = w_in - 2 * np.bincount(src_c, weights=eg[batch, src_c], minlength=k) \
+        + 2 * np.bincount(dst_c, weights=eg[batch, dst_c], minlength=k)
+    new_vol = vol - np.bincount(src_c, weights=d[batch], minlength=k) + np.bincount(dst_c, weights=d[batch], minlength=k)
+    return new_w, new_vol
 
 
 def _best_prefix(cand, a, best_b, eg, d, w_in, vol, counts, current, k, eps):
@@ -207,11 +214,7 @@ def _best_prefix(cand, a, best_b, eg, d, w_in, vol, counts, current, k, eps):
         batch = _keep_nonempty(cand[:size], a, best_b, counts, k)  # never empty a cluster
         if batch.size == 0:
             continue
-        bs, bd = a[batch], best_b[batch]
-        w = w_in - 2 * np.bincount(bs, weights=eg[batch, bs], minlength=k) \
-            + 2 * np.bincount(bd, weights=eg[batch, bd], minlength=k)
-        v = vol - np.bincount(bs, weights=d[batch], minlength=k) + np.bincount(bd, weights=d[batch], minlength=k)
-        if _ncut_from_totals(w, v, eps) < current - 1e-12:
+        if _ncut_from_totals(*_totals_after(batch, a, best_b, eg, d, w_in, vol, k), eps) < current - 1e-12:
             return batch
     return None
 

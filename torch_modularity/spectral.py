@@ -438,25 +438,22 @@ def _lloyd(x_aug: np.ndarray, xt: np.ndarray, sq_norms: np.ndarray, centres: np.
     sums = counts = None
     c_aug = np.empty((d + 1, k))
     partial = np.empty((n, k))  # reused: a fresh (n, k) array per step costs page faults
-    # Few numpy calls per iteration: on a few thousand points they, not the arithmetic, cost.
-    np.multiply(centres.T, -2.0, out=c_aug[:d])
-    np.einsum("ij,ij->i", centres, centres, out=c_aug[d])
     for _ in range(max_iter):
+        # Few numpy calls per iteration: on a few thousand points they, not the arithmetic, cost.
+        np.multiply(centres.T, -2.0, out=c_aug[:d])
+        np.einsum("ij,ij->i", centres, centres, out=c_aug[d])
         np.matmul(x_aug, c_aug, out=partial)
         new_labels = partial.argmin(axis=1)
-        if labels is None:
+        moved = None if labels is None else np.flatnonzero(new_labels != labels)
+        if moved is not None and moved.size <= min_changes:
+            break  # assignments are (nearly) stable: the centres would not move (much) any more
+        if moved is None or moved.size > n // 8:
             sums, counts = _cluster_sums(xt, new_labels, k), np.bincount(new_labels, minlength=k)
         else:
-            moved = np.flatnonzero(new_labels != labels)
-            if moved.size <= min_changes:
-                break  # assignments are (nearly) stable: the centres would not move (much) any more
-            if moved.size > n // 8:
-                sums, counts = _cluster_sums(xt, new_labels, k), np.bincount(new_labels, minlength=k)
-            else:
-                src, dst, xm = labels[moved], new_labels[moved], x[moved]
-                np.subtract.at(sums, src, xm)
-                np.add.at(sums, dst, xm)
-                counts = counts + np.bincount(dst, minlength=k) - np.bincount(src, minlength=k)
+            src, dst, xm = labels[moved], new_labels[moved], x[moved]
+            np.subtract.at(sums, src, xm)
+            np.add.at(sums, dst, xm)
+            counts = counts + np.bincount(dst, minlength=k) - np.bincount(src, minlength=k)
         labels = new_labels
         if counts.min() == 0:
             # Re-seed empty clusters with the points farthest from their centres.
@@ -472,8 +469,6 @@ def _lloyd(x_aug: np.ndarray, xt: np.ndarray, sq_norms: np.ndarray, centres: np.
         new = sums / counts[:, None]  # every cluster has a point now
         step = new - centres
         centres = new
-        np.multiply(centres.T, -2.0, out=c_aug[:d])
-        np.einsum("ij,ij->i", centres, centres, out=c_aug[d])
         if np.vdot(step, step) <= tol:
             break
     dist = sq_norms[:, None] - 2 * x @ centres.T + (centres ** 2).sum(axis=1)[None, :]
