@@ -619,6 +619,11 @@ class _Partition:
 # the same or lower mean n-cut on the 20 graphs of the quality benchmark; spectral_embedding
 # itself keeps the tighter default.
 _CLUSTER_TOL = 1e-3
+# Lloyd's early stop (fraction of labels changing) when refinement follows: the node moves
+# with the exact n-cut gain finish what the last Lloyd iterations would do. Over 20 random and
+# 20 planted paper-MLP graphs, mean n-cut 10.1666 / 9.7453 with 0.03 vs 10.1679 / 9.7450 with
+# kmeans's own 1e-3, and ~20 % less time for k-means + refinement.
+_REFINED_CHANGE_TOL = 0.03
 
 
 def _cluster_blocks(sizes, blocks, colour, k: int, rng: np.random.Generator, n_init: int, refine: bool = True,
@@ -638,7 +643,7 @@ def _cluster_blocks_unthreaded(sizes, blocks, colour, k, rng, n_init, refine, de
     if k > n:
         raise ValueError(f"n_clusters={k} is larger than the number of non-isolated nodes ({n}); use fewer clusters")
     emb = _embedding_from_blocks(sizes, blocks, colour, k, rng, tol=_CLUSTER_TOL, device=device, degrees=degrees)
-    labels = kmeans(emb.scaled(), k, n_init, rng)
+    labels = kmeans(emb.scaled(), k, n_init, rng, **({"change_tol": _REFINED_CHANGE_TOL} if refine else {}))
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     method = emb.method
     if refine:
