@@ -21,6 +21,7 @@ for the ~21k-node MLP 784-4096x5-10, plain vs ours only). Data: MNIST via
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -236,7 +237,7 @@ def main() -> None:
     p.add_argument("--n-eigs", type=int, default=11)
     p.add_argument("--weight", type=float, default=0.1)
     p.add_argument("--every", type=int, default=1)
-    p.add_argument("--degree", type=int, default=2)
+    p.add_argument("--degree", type=int, default=None, help="per-step Chebyshev degree (default: the library's)")
     p.add_argument("--block-size", type=int, default=None, help="solver block (default n_eigs + 1 + 8)")
     p.add_argument("--tol", type=float, default=None)
     p.add_argument("--solver-dtype", default=None, choices=[None, "float32", "float64"])
@@ -246,6 +247,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="where the model and data live, e.g. cuda")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.degree is None:
+        args.degree = inspect.signature(SpectralRegularizer).parameters["degree"].default
     if args.quick:
         args.steps, args.warmup, args.naive_steps, args.grad_checks, args.grad_gap = 10, 5, 2, 2, 3
     if args.large:

@@ -147,13 +147,10 @@ def test_warm_started_training_keeps_the_gradient_exact(planted_weights):
     assert reg._chain_gram is not None  # the warm steps took the lean chain solver
 
 
-def test_reused_buffers_keep_gradients_exact(planted_weights, monkeypatch):
-    """|W| and sign(W) buffers are reused across steps (here for every layer): gradients stay
+def test_reused_buffers_keep_gradients_exact(planted_weights):
+    """|W| and sign(W) buffers are reused across steps (for every layer): gradients stay
     exact while the weights change, and a second penalty taken before the first one's backward
     gets its own buffers."""
-    from torch_modularity import regularizer as regmod
-
-    monkeypatch.setattr(regmod, "_SCRATCH_MIN", 1)
     model = _planted_mlp(planted_weights, SIZES, k=3, seed=5)
     reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, tol=1e-12)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -170,6 +167,46 @@ def test_reused_buffers_keep_gradients_exact(planted_weights, monkeypatch):
         assert _rel([lin.weight.grad for lin in _linears(model)], ref) < 1e-9
         opt.step()
     assert reg._sign_scratch is not None and all(b is not None for b in reg._sign_scratch)
+
+
+def _top_rows(h, k):
+    return torch.linalg.eigh(h).eigenvectors[:, -k:].T  # (k, n) orthonormal rows
+
+
+def _subspace_error(rows, exact_rows):
+    q = torch.linalg.qr(rows.T).Q
+    return float(torch.linalg.matrix_norm(q - exact_rows.T @ (exact_rows @ q), ord=2))
+
+
+def test_extrapolated_start_tracks_a_smoothly_moving_subspace():
+    """2 Z - P_prev Z is a second-order prediction of the wanted subspace (vs first order for
+    the last one), blind to rotations inside it; rows beyond k are left as they were."""
+    from torch_modularity.regularizer import _extrapolate_rows
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, m, h = 40, 5, 8, 5e-3
+
+    def sym():
+        a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        return a + a.T
+
+    h0 = torch.diag(torch.arange(n, dtype=torch.float64))  # well separated top eigenvalues
+    h1, h2 = sym(), sym()
+    path = [_top_rows(h0 + t * h1 + t * t * h2, m) for t in (0.0, h, 2 * h)]
+    # Ritz blocks list the wanted vectors first; rotate them inside their span at random.
+    z_prev = torch.cat([path[0][-k:], path[0][:-k]])
+    rot = torch.linalg.qr(torch.randn(k, k, generator=gen, dtype=torch.float64)).Q
+    z = torch.cat([rot @ path[1][-k:], path[1][:-k]])
+    target = path[2][-k:]
+    out = _extrapolate_rows(z, z_prev, k)
+    plain_err = _subspace_error(z[:k], target)
+    extrapolated_err = _subspace_error(out[:k], target)
+    assert plain_err > 1e-3  # the subspace did move
+    assert extrapolated_err < 0.05 * plain_err
+    assert torch.equal(out[k:], z[k:])
+    # Rotating the previous wanted rows inside their span changes nothing.
+    again = _extrapolate_rows(z, torch.cat([rot.T @ z_prev[:k], z_prev[k:]]), k)
+    assert torch.allclose(again, out, atol=1e-12)
 
 
 def test_every_reuses_the_block_between_recomputes(planted_weights):

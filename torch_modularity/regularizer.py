@@ -31,9 +31,11 @@ two (plain 7.5 / 4.8 ms; the naive dense-``eigh`` step ~100x) with a gradient er
 against float64 dense ``eigh``. The |W| of every layer (and sign(W) of large layers, for the
 backward) are written into buffers kept between calls: up to two more copies of the weights
 stay allocated, in exchange for the page faults of fresh large tensors (~0.6 s per step on the
-~21k-node MLP 784-4096x5-10). On chains, each step is one warm Chebyshev iteration of degree 2 on the Gram operator,
-a Rayleigh-Ritz step and a polishing power step (:class:`_ChainGram`), whose by-products give
-``M X`` exactly, so the HF loss needs no GEMM of its own and its backward one per layer.
+~21k-node MLP 784-4096x5-10). On chains, each step starts from the last two solves' wanted
+subspaces extrapolated linearly (weights move smoothly in training), then does one Chebyshev
+iteration of degree 1 on the Gram operator, a Rayleigh-Ritz step and a polishing power step
+(:class:`_ChainGram`), whose by-products give ``M X`` exactly, so the HF loss needs no GEMM of
+its own and its backward one per layer.
 ``every=N`` skips the solver on the steps in between (gradient error ~4e-3 after one reused
 step, growing linearly). On a GPU (an H200) the same step is launch-bound: a few hundred small
 kernels and one host synchronisation per step add ~7.5 ms to a 2 ms plain step of that MLP;
@@ -184,10 +186,6 @@ def normalize_relu_(model: nn.Module) -> List[torch.Tensor]:
     return scales
 
 
-# Layers with at least this many weights get a reused buffer for sign(W) in the backward (fresh
-# tensors this large are mapped anew by the allocator: page faults cost more than the values).
-_SCRATCH_MIN = 1 << 20
-
 # Below this many entries, QR of a vector block living on an accelerator is done on the CPU:
 # a round trip of a few hundred kB costs less than the library call's launch and checks
 # there (measured on an H200: 0.15 vs 0.48 ms for 522 x 20; 2.4 vs 0.2 ms for 8986 x 20).
@@ -209,6 +207,23 @@ def _small_eigh(h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         vals, vecs = torch.linalg.eigh(h.cpu())
         return vals.to(h.device, non_blocking=True), vecs.to(h.device, non_blocking=True)
     return torch.linalg.eigh(h)
+
+
+def _extrapolate_rows(zt: torch.Tensor, previous: torch.Tensor, k: int) -> torch.Tensor:
+    """``zt`` (rows: the last solve's Ritz vectors) with its first ``k`` rows moved on by the
+    motion of their span since ``previous`` (the solve before, same layout).
+
+    Training moves the weights smoothly (Adam's momentum), so the wanted subspace moves smoothly
+    too: ``S_next ~ S + (S - S_prev)``. With ``Z``, ``Z_prev`` the wanted vectors of the last two
+    solves (orthonormal rows), ``(I - P_prev) Z`` is the motion of the subspace (rotations inside
+    it do not matter: Rayleigh-Ritz undoes them), and ``2 Z - P_prev Z`` the extrapolated start
+    (rows not orthonormal; the solver orthonormalizes after filtering). On the paper MLP it cut
+    the gradient error of a degree-1 step from ~4.5e-6 to ~1e-6.
+    """
+    a, b = previous[:k], zt[:k]
+    out = zt.clone()
+    out[:k] = torch.addmm(b, b @ a.T, a, beta=2.0, alpha=-1.0)
+    return out
 
 
 class _ChainGram:
@@ -264,17 +279,14 @@ class _ChainGram:
                 out[j] = above @ blocks[j]
         return out
 
-    def _half(self, rows: Dict[int, torch.Tensor], blocks, inv_rows, targets) -> Dict[int, torch.Tensor]:
-        """``(M v)_j`` for the layers ``targets`` from the other side's parts ``rows`` (row layout);
-        ``inv_rows[l]`` is ``D_l^-1/2`` as a row ``(1, n_l)``."""
-        out = self._raw({l: r * inv_rows[l] for l, r in rows.items()}, blocks, targets)
-        return {j: v.mul_(inv_rows[j]) for j, v in out.items()}
-
-    def _half_rows(self, t: torch.Tensor, blocks, inv_rows, to_large: bool) -> torch.Tensor:
-        """``B t`` (``to_large``) or ``B^T t`` for a row block ``t`` of the other side, as one row block."""
+    def _half_rows(self, t: torch.Tensor, blocks, inv_sides, to_large: bool) -> torch.Tensor:
+        """``B t`` (``to_large``) or ``B^T t`` for a row block ``t`` of the other side, as one row
+        block; ``inv_sides`` is ``(D_small^-1/2, D_large^-1/2)`` as rows (each scaling is one op
+        over all layers of a side)."""
         src_bounds, targets = (self.bounds, self.large) if to_large else (self.large_bounds, self.small)
-        out = self._half(self._split(t, src_bounds), blocks, inv_rows, targets)
-        return torch.cat([out[l] for l in targets], dim=1)
+        inv_src, inv_dst = inv_sides if to_large else inv_sides[::-1]
+        out = self._raw(self._split(t * inv_src, src_bounds), blocks, targets)
+        return torch.cat([out[l] for l in targets], dim=1).mul_(inv_dst)
 
     def _split(self, t: torch.Tensor, bounds: Optional[Dict[int, Tuple[int, int]]] = None) -> Dict[int, torch.Tensor]:
         """Per-layer column views of a small-side (default) or large-side row block."""
@@ -289,8 +301,12 @@ class _ChainGram:
         return torch.cat([back[l] for l in self.small], dim=1).mul_(inv_small)
 
     def step(self, blocks, inv, sqrt_d, warm: EigResult, k: int, degree: int, tol: float, max_iter: int,
-             num_isolated: int = 0, zero_tol: float = 0.0):
-        """Iterate from ``warm`` until the ``k`` wanted residuals meet ``tol`` (at most ``max_iter`` times).
+             num_isolated: int = 0, zero_tol: float = 0.0, previous: Optional[torch.Tensor] = None):
+        """Iterate from ``warm`` until the ``k`` returned vectors' residuals meet ``tol`` (at most
+        ``max_iter`` times).
+
+        ``previous`` is the warm block of the solve before ``warm`` (same shape), or ``None``: the
+        wanted subspace is then extrapolated linearly from the two (see below) before filtering.
 
         Returns ``(result, x_rows, mx_rows, n_zero)``: an :class:`EigResult` (``method="gram"``),
         the eigenvectors ``X^T`` and ``(M X)^T`` as rows ``(k, N)`` in node order, and how many of the
@@ -303,44 +319,61 @@ class _ChainGram:
         m = zt.shape[0]
         if zt.shape[1] != self.n_small or theta.numel() < m or m < k:
             return None
+        if previous is not None and previous.shape == warm.block.shape:
+            zt = _extrapolate_rows(zt, previous.T.to(dtype=dtype), k)
         # Row-shaped scalings, made once per step (each costs a dispatch per use otherwise).
-        inv_rows = [i[None, :] for i in inv]
         inv_small = torch.cat([inv[l] for l in self.small])[None, :]
-        inv2_rows = {j: inv_rows[j] * inv_rows[j] for j in self.large}
+        inv_sides = (inv_small, torch.cat([inv[l] for l in self.large])[None, :])
+        inv2_rows = {j: (inv[j] * inv[j])[None, :] for j in self.large}
         v0 = torch.cat([sqrt_d[l] for l in self.small])
         v0 = v0 / v0.norm().clamp_min(torch.finfo(dtype).tiny)
         cached = self._next_cut
         smallest = cached[1] if cached is not None and cached[0] is warm.ritz_values else float(theta[m - 1])
         # lambda_j <= zero_tol  <=>  sigma_j^2 >= (1 - zero_tol)^2 (Ritz values are sigma^2)
         zero_sigma2 = (1.0 - zero_tol) ** 2
+        tiny = torch.finfo(dtype).tiny
         for it in range(max(1, max_iter)):
-            # Chebyshev filter damping [0, cut] (cut = the smallest Ritz value), amplifying above it.
-            # Normalized recurrence (as in eigen._chebyshev_filter): no overflow at any degree.
-            cut = min(max(smallest, 1e-4), 1.0 - 1e-7)
-            e = c = cut / 2.0
-            t0 = (1.0 - c) / e
-            rho_prev, rho = 1.0, t0
-            y_prev = zt
-            # In place on the fresh G y: fewer dispatches per step.
-            y = self._gram(zt, blocks, inv_small, inv2_rows).sub_(zt, alpha=c).mul_(1.0 / (e * t0))
-            for _ in range(1, degree):
-                rho_next = 2.0 * t0 * rho - rho_prev
-                y_next = (self._gram(y, blocks, inv_small, inv2_rows).sub_(y, alpha=c).mul_(2.0 * rho / (e * rho_next))
-                          .sub_(y_prev, alpha=rho_prev / rho_next))
-                y_prev, y, rho_prev, rho = y, y_next, rho, rho_next
+            y = zt
+            if degree >= 1:
+                # Chebyshev filter damping [0, cut] (cut = the smallest Ritz value), amplifying above it.
+                # Normalized recurrence (as in eigen._chebyshev_filter): no overflow at any degree.
+                cut = min(max(smallest, 1e-4), 1.0 - 1e-7)
+                e = c = cut / 2.0
+                t0 = (1.0 - c) / e
+                rho_prev, rho = 1.0, t0
+                y_prev = zt
+                # In place on the fresh G y: fewer dispatches per step.
+                y = self._gram(zt, blocks, inv_small, inv2_rows).sub_(zt, alpha=c).mul_(1.0 / (e * t0))
+                for _ in range(1, degree):
+                    rho_next = 2.0 * t0 * rho - rho_prev
+                    y_next = (self._gram(y, blocks, inv_small, inv2_rows).sub_(y, alpha=c)
+                              .mul_(2.0 * rho / (e * rho_next)).sub_(y_prev, alpha=rho_prev / rho_next))
+                    y_prev, y, rho_prev, rho = y, y_next, rho, rho_next
+            else:
+                y = zt.clone()
             y[0] = v0  # the exact top eigenvector (sigma = 1) replaces the most amplified direction
             q = _orthonormal_rows(y)  # (m, n_small)
-            bq_t = self._half_rows(q, blocks, inv_rows, to_large=True)  # (m, n_large)
+            bq_t = self._half_rows(q, blocks, inv_sides, to_large=True)  # (m, n_large)
             h = bq_t @ bq_t.T
             theta, u = _small_eigh((h + h.T) * 0.5)
             theta, u = theta.flip(0), u.flip(1)
             zt = u.T @ q  # all m Ritz vectors: the next warm start
             yk = u[:, :k].T @ bq_t  # B z for the k wanted ones, (k, n_large)
-            gzt = self._half_rows(yk, blocks, inv_rows, to_large=False)  # G z, (k, n_small)
-            res = (gzt - theta[:k, None] * zt[:k]).norm(dim=1)
+            gzt = self._half_rows(yk, blocks, inv_sides, to_large=False)  # G z, (k, n_small)
+            # Polish (one power step, as chebyshev_eigs(polish=True)): z' = orth(G z), whose error
+            # outside the wanted subspace is smaller by about theta_bulk / theta_k; it costs one more
+            # B and B^T on k vectors, which then give M x exactly again, and the residual of the
+            # vectors returned, checked against tol.
+            zp = _orthonormal_rows(gzt)
+            signs = torch.sign((zp * zt[:k]).sum(dim=1))
+            zp = zp * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
+            yk = self._half_rows(zp, blocks, inv_sides, to_large=True)
+            sigma2 = (yk * yk).sum(dim=1)
+            gzt = self._half_rows(yk, blocks, inv_sides, to_large=False)
+            res = (gzt - sigma2[:, None] * zp).norm(dim=1)
             # Everything the host decides on, read in one synchronisation.
             worst, sigma2_k, smallest, n_zero = torch.stack(
-                [res.max(), theta[k - 1], theta[m - 1], (theta[:k] >= zero_sigma2).sum().to(dtype)]).tolist()
+                [res.max(), sigma2.min(), theta[m - 1], (sigma2 >= zero_sigma2).sum().to(dtype)]).tolist()
             if not math.isfinite(worst):
                 return None
             if worst <= tol:
@@ -349,15 +382,7 @@ class _ChainGram:
             return None
         if sigma2_k <= 1e3 * torch.finfo(dtype).eps:
             return None  # sigma_k ~ 0: M's top-k are not all +sigma (the generic route decides)
-        # Polish (one power step, as chebyshev_eigs(polish=True)): z' = orth(G z), whose error
-        # outside the wanted subspace is smaller by about theta_bulk / theta_k; it costs one more
-        # B and B^T on k vectors, which then give M x exactly again.
-        zp = _orthonormal_rows(gzt)
-        signs = torch.sign((zp * zt[:k]).sum(dim=1))
-        zp = zp * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
-        yk = self._half_rows(zp, blocks, inv_rows, to_large=True)
-        sigma = yk.norm(dim=1).clamp_min(torch.finfo(dtype).tiny)
-        gzt = self._half_rows(yk, blocks, inv_rows, to_large=False)
+        sigma = sigma2.sqrt().clamp_min(tiny)
         # x = (z, B z / sigma) / sqrt(2); (M x)_small = B^T B z / (sigma sqrt(2)), (M x)_large = B z / sqrt(2).
         inv_sigma = sigma.reciprocal()[:, None]
         y_over_sigma = yk * inv_sigma
@@ -377,7 +402,7 @@ class _ChainGram:
         mx_rows = torch.cat(mx_parts, dim=1).mul_(r2)
         result = EigResult(
             eigenvalues=1.0 - sigma, eigenvectors=x_rows.T, block=zt.T, ritz_values=theta,
-            residuals=res, iterations=it + 1, matvecs=(degree + 1) * (it + 1), converged=True, method="gram",
+            residuals=res, iterations=it + 1, matvecs=(degree + 2) * (it + 1), converged=True, method="gram",
             num_isolated=num_isolated,
         )
         self._next_cut = (theta, smallest)
@@ -556,10 +581,13 @@ class SpectralRegularizer:
             rescaled between the penalty's forward and its backward (if ``reg()`` was called
             first, the rescaling is skipped for that forward and done at the next one).
             :meth:`remove` detaches the hook.
-        degree: Chebyshev degree of the per-step (warm-started) solver iterations. With the
-            free polishing step, degree 2 kept the gradient error below 5e-6 on the paper MLP.
+        degree: Chebyshev degree of the per-step (warm-started) solver iterations. On chains
+            each step starts from the last two solves' wanted subspaces extrapolated linearly
+            and ends with a polishing power step; degree 1 then gave gradient errors of ~1e-6
+            on the paper MLP (degree 2: ~3e-7 for ~25 % more solver GEMM work).
         block_size: solver block (default ``n_eigs + 1 + 8``).
-        tol: solver residual tolerance (default ``1e-5`` for a float32 solver, ``1e-10`` for float64).
+        tol: solver residual tolerance of the returned eigenvectors (default ``1e-5`` for a
+            float32 solver, ``1e-10`` for float64); a step iterates again until it holds.
         max_iter: solver iterations allowed per recompute after the first (warm starts).
         cold_iter, cold_degree: iterations and Chebyshev degree of the first (cold) solve. At
             random init the top of the spectrum is a dense bulk, the eigenvectors are barely
@@ -603,7 +631,7 @@ class SpectralRegularizer:
         every: int = 1,
         normalize_relu: bool = False,
         *,
-        degree: int = 2,
+        degree: int = 1,
         block_size: Optional[int] = None,
         tol: Optional[float] = None,
         max_iter: int = 4,
@@ -697,6 +725,8 @@ class SpectralRegularizer:
         self._solves_since_check = 0
         self._hook = None
         self._chain_gram: Optional[_ChainGram] = None
+        # The warm block of the solve before last_result (chain path), for extrapolating the next start.
+        self._previous_block: Optional[torch.Tensor] = None
         self._pending = None
         # Reused buffers for |W| and, in the backward, sign(W) of large layers (see _abs_blocks).
         self._abs_cache: Optional[List[torch.Tensor]] = None
@@ -774,7 +804,10 @@ class SpectralRegularizer:
                        for b, w in zip(cache, ws))):
             cache = [w.to(device=device, dtype=dtype).abs() for w in ws]
             self._abs_cache = cache
-            self._sign_scratch = [torch.empty_like(a) if a.numel() >= _SCRATCH_MIN else None for a in cache]
+            # sign(W) for the backward goes into reused buffers too: a fresh tensor of a few hundred
+            # kB or more is mapped anew by the allocator, and its page faults cost more than the
+            # values (paper MLP: ~0.5 ms of a step for the five layers).
+            self._sign_scratch = [torch.empty_like(a) for a in cache]
             return cache
         for buf, w in zip(cache, ws):
             torch.abs(w, out=buf)
@@ -812,13 +845,14 @@ class SpectralRegularizer:
         for warm in (self.last_result, None):
             res = chebyshev_eigs(
                 sizes, detached, self.k,
-                block_size=self.block_size, degree=self.degree if warm is not None else self.cold_degree, tol=tol,
+                block_size=self.block_size, degree=max(1, self.degree) if warm is not None else self.cold_degree, tol=tol,
                 max_iter=self.max_iter if warm is not None else self.cold_iter,
                 warm_start=warm, seed=self.seed, dtype=dtype, layer_degrees=degrees, prescale=False,
                 polish=self._polish,
             )
             if bool(torch.isfinite(res.eigenvectors).all()) or warm is None:
                 break  # else: a corrupted warm start (never seen); restart cold
+        self._previous_block = None
         self.last_result = res
         self._report_connectivity(res, blocks)
         return res
@@ -921,10 +955,11 @@ class SpectralRegularizer:
             self._chain_gram = _ChainGram(self.layer_sizes)
         tol = self.tol if self.tol is not None else default_tol(cdtype)
         out = self._chain_gram.step(blocks, inv, sqrt_d, warm, self.k, self.degree, tol, self.max_iter,
-                                    num_isolated, self._zero_tol(cdtype))
+                                    num_isolated, self._zero_tol(cdtype), previous=self._previous_block)
         if out is None:
             return None
         res, xs, mx, n_zero = out
+        self._previous_block = warm.block
         self.last_result = res
         self._report_connectivity(res, blocks, n_zero)
         return res, xs, mx
@@ -993,6 +1028,7 @@ class SpectralRegularizer:
             "method": None if res is None else res.method,
             "block": None if res is None else res.block.detach().clone(),
             "ritz_values": None if res is None else res.ritz_values.detach().clone(),
+            "previous_block": None if self._previous_block is None else self._previous_block.detach().clone(),
             "vectors": None if self._vectors is None else self._vectors.T.detach().clone(),
             "eigenvalues": None if self._eigs is None else self._eigs.clone(),
             "n_isolated": self.n_isolated,
@@ -1017,10 +1053,14 @@ class SpectralRegularizer:
         self.n_isolated = int(state.get("n_isolated", 0))
         self.n_components = state.get("n_components")
         self.disconnected = bool(state.get("disconnected", False))
+        self._previous_block = None
         if state.get("block") is None:
             self.last_result, self._vectors, self._eigs = None, None, None
             return
         block = state["block"].to(device)
+        previous = state.get("previous_block")
+        if previous is not None and previous.shape == block.shape:
+            self._previous_block = previous.to(device)
         ritz = state["ritz_values"].to(device)
         vectors = state["vectors"].to(device) if state.get("vectors") is not None else None
         k = self.k
