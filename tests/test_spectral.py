@@ -324,7 +324,7 @@ def test_lloyd_reseeds_an_empty_cluster_and_keeps_its_sums_exact():
     x = np.vstack([rng.normal(size=(50, 3)), rng.normal(size=(50, 3)) + 6.0])
     x_aug = np.hstack([x, np.ones((100, 1))])
     centres = np.array([[0.0, 0, 0], [6.0, 6, 6], [100.0, 100, 100]])
-    labels, final, inertia, dist = _lloyd(x_aug, np.ascontiguousarray(x.T), (x ** 2).sum(axis=1), centres, 100, 0.0)
+    labels, final, inertia, dist = _lloyd(x_aug, (x ** 2).sum(axis=1), centres, 100, 0.0)
     assert np.bincount(labels, minlength=3).min() > 0
     assert np.all(final[2] < 50)  # the far centre moved to the data
     means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])

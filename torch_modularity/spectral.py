@@ -392,23 +392,39 @@ def _kmeans_plusplus(x: np.ndarray, sq_norms: np.ndarray, k: int, rng: np.random
     rows = np.arange(n_seeds)
     centres = np.empty((n_seeds, k), dtype=np.int64)
     centres[:, 0] = rng.integers(n, size=n_seeds)
-    first = centres[:, 0]
-    closest = np.maximum(sq_norms[None, :] - 2 * x[first] @ x.T + sq_norms[first, None], 0)
+    # Squared distances of every point to a set of candidates c: [x_c, |x_c|^2] @ [-2 x^T; 1] + |x|^2,
+    # one GEMM and one addition.
+    d = x.shape[1]
+    x_aug = np.empty((n, d + 1))
+    x_aug[:, :d] = x
+    x_aug[:, d] = sq_norms
+    right = np.empty((d + 1, n))
+    np.multiply(x.T, -2.0, out=right[:d])
+    right[d] = 1.0
+
+    def sq_dist(idx: np.ndarray) -> np.ndarray:
+        out = x_aug[idx] @ right
+        out += sq_norms
+        return np.maximum(out, 0, out=out)
+
+    closest = sq_dist(centres[:, 0])
+    # Each restart's draws search one cumulative sum over all restarts' potentials, offset by
+    # the restarts before it: one searchsorted call instead of one per restart.
+    base = (rows * n)[:, None]
     for c in range(1, k):
+        cum = np.cumsum(closest, axis=None)
         total = closest.sum(axis=1)
         draws = rng.uniform(0, 1, (n_seeds, trials)) * total[:, None]
-        cum = np.cumsum(closest, axis=1)
-        cand = np.stack([np.searchsorted(cum[r], draws[r]) for r in rows])
-        cand = np.minimum(cand, n - 1)
-        flat = cand.ravel()
-        dist = sq_norms[None, :] - 2 * x[flat] @ x.T + sq_norms[flat, None]
-        np.maximum(dist, 0, out=dist)
-        dist = dist.reshape(n_seeds, trials, n)
+        draws += (cum[n - 1::n] - total)[:, None]
+        cand = np.searchsorted(cum, draws) - base
+        np.maximum(cand, 0, out=cand)  # (ufuncs: np.clip's wrapper costs more than the work here)
+        np.minimum(cand, n - 1, out=cand)
+        dist = sq_dist(cand.ravel()).reshape(n_seeds, trials, n)
         np.minimum(dist, closest[:, None, :], out=dist)
         best = np.argmin(dist.sum(axis=2), axis=1)
         centres[:, c] = cand[rows, best]
         closest = dist[rows, best]
-        for r in np.nonzero(total <= 0)[0]:
+        for r in (np.nonzero(total <= 0)[0] if total.min() <= 0 else ()):
             # Every point of this restart coincides with a centre already: a distinct index at random.
             rest = np.setdiff1d(np.arange(n), centres[r, :c])
             centres[r, c] = rng.choice(rest)
@@ -416,12 +432,15 @@ def _kmeans_plusplus(x: np.ndarray, sq_norms: np.ndarray, k: int, rng: np.random
     return centres
 
 
-def _cluster_sums(xt: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """``(k, d)`` sums of the points of each cluster (``xt`` is the points transposed, ``(d, n)``)."""
-    return np.stack([np.bincount(labels, weights=row, minlength=k) for row in xt], axis=1)
+def _cluster_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """``(k, d)`` sums of the points of each cluster: one GEMM with the indicator matrix (a
+    bincount per dimension was ~3x slower on 1818 x 12 points)."""
+    h = np.zeros((x.shape[0], k))
+    h[np.arange(x.shape[0]), labels] = 1.0
+    return h.T @ x
 
 
-def _lloyd(x_aug: np.ndarray, xt: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, max_iter: int, tol: float,
+def _lloyd(x_aug: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, max_iter: int, tol: float,
            min_changes: int = 0):
     """Lloyd iterations from ``centres``; ``x_aug`` is the points with a column of ones appended.
 
@@ -448,7 +467,7 @@ def _lloyd(x_aug: np.ndarray, xt: np.ndarray, sq_norms: np.ndarray, centres: np.
         if moved is not None and moved.size <= min_changes:
             break  # assignments are (nearly) stable: the centres would not move (much) any more
         if moved is None or moved.size > n // 8:
-            sums, counts = _cluster_sums(xt, new_labels, k), np.bincount(new_labels, minlength=k)
+            sums, counts = _cluster_sums(x, new_labels, k), np.bincount(new_labels, minlength=k)
         else:
             src, dst, xm = labels[moved], new_labels[moved], x[moved]
             np.subtract.at(sums, src, xm)
@@ -471,7 +490,10 @@ def _lloyd(x_aug: np.ndarray, xt: np.ndarray, sq_norms: np.ndarray, centres: np.
         centres = new
         if np.vdot(step, step) <= tol:
             break
-    dist = sq_norms[:, None] - 2 * x @ centres.T + (centres ** 2).sum(axis=1)[None, :]
+    np.multiply(centres.T, -2.0, out=c_aug[:d])
+    np.einsum("ij,ij->i", centres, centres, out=c_aug[d])
+    dist = x_aug @ c_aug
+    dist += sq_norms[:, None]
     labels = np.argmin(dist, axis=1)
     inertia = float(np.maximum(dist[np.arange(n), labels], 0).sum())
     return labels, centres, inertia, dist
@@ -505,16 +527,17 @@ def kmeans(x: np.ndarray, k: int, n_init: int, rng: np.random.Generator, max_ite
         raise ValueError(f"cannot form {k} clusters from {n} points")
     x = np.ascontiguousarray(x, dtype=np.float64)
     sq_norms = (x ** 2).sum(axis=1)
-    abs_tol = tol * float(np.mean(np.var(x, axis=0)))
+    mean = x.mean(axis=0)
+    # Mean per-dimension variance, from the squared norms (np.var's temporaries cost more).
+    abs_tol = tol * max(float(sq_norms.sum()) / n - float(mean @ mean), 0.0) / x.shape[1]
     x_aug = np.empty((n, x.shape[1] + 1))
     x_aug[:, :-1] = x
     x_aug[:, -1] = 1.0
-    xt = np.ascontiguousarray(x.T)
     seeds = _kmeans_plusplus(x, sq_norms, k, rng, max(1, int(n_init)))
     best = None
     for idx in seeds:
         centres = x[idx].copy()
-        labels, centres, inertia, dist = _lloyd(x_aug, xt, sq_norms, centres, max_iter, abs_tol, int(change_tol * n))
+        labels, centres, inertia, dist = _lloyd(x_aug, sq_norms, centres, max_iter, abs_tol, int(change_tol * n))
         if best is None or inertia < best[0]:
             best = (inertia, labels, dist)
     return _ensure_k_clusters(best[1], best[2], k)
