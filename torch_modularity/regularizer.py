@@ -26,11 +26,11 @@ How (``performance.md`` section 5):
   finite and its gradient bounded; the gap opens within a few training steps.
 
 Cost (``benchmarks/bench_regularizer.py``, 784-256x4-10 MLP, batch 128, Adam, float32, the
-2-core CPU box run alone): a regularized step took ~1.8x a plain one on one thread, ~2.1x on
-two (plain 7.5 / 4.8 ms; the naive dense-``eigh`` step ~100x) with a gradient error of ~4-5e-7
-against float64 dense ``eigh``. The |W| of every layer (and sign(W) of large layers, for the
-backward) are written into buffers kept between calls: up to two more copies of the weights
-stay allocated, in exchange for the page faults of fresh large tensors (~0.6 s per step on the
+2-core CPU box run alone): a regularized step took ~1.75x a plain one on one thread, ~2x on
+two (plain 7-8 / 5-6 ms; the naive dense-``eigh`` step ~100x) with a gradient error of ~1e-6
+against float64 dense ``eigh``. The |W| and sign(W) of every layer (the latter for the
+backward) are written into buffers kept between calls: two more copies of the weights stay
+allocated, in exchange for the page faults of fresh large tensors (~0.6 s per step on the
 ~21k-node MLP 784-4096x5-10). On chains, each step starts from the last two solves' wanted
 subspaces extrapolated linearly (weights move smoothly in training), then does one Chebyshev
 iteration of degree 1 on the Gram operator, a Rayleigh-Ritz step and a polishing power step
@@ -570,7 +570,7 @@ class SpectralRegularizer:
             on the paper MLP during Adam training (lr 1e-3, around step 150) the relative
             gradient error was ~6e-3 with eigenvectors one step old, ~1.2e-2 two steps old,
             ~3e-2 five and ~6e-2 ten steps old, i.e. it grows about linearly with the age (the
-            exact, warm-started ``every=1`` gradient: ~5e-7; ``benchmarks/bench_regularizer.py``
+            exact, warm-started ``every=1`` gradient: ~1e-6; ``benchmarks/bench_regularizer.py``
             measures both). Fine for shaping the network, not for exact gradients. The schedule
             keys on the call counter, which is identical on every DDP rank as long as every
             rank calls ``reg()`` once per step.
