@@ -209,6 +209,38 @@ def test_extrapolated_start_tracks_a_smoothly_moving_subspace():
     assert torch.allclose(again, out, atol=1e-12)
 
 
+def test_extrapolation_pauses_while_it_costs_iterations():
+    """An extrapolated step that needed a second iteration pauses extrapolation for 4 solves,
+    then 8, ... (doubling while it keeps failing, at most 64); one that paid resets it."""
+    from torch_modularity.eigen import EigResult
+
+    model = _mlp([12, 10, 8, 4], seed=3)
+    reg = SpectralRegularizer(model, n_eigs=3)
+    reg()  # cold solve: a warm "gram" result to continue from
+    iterations = iter([2] + [1] * 4 + [2] + [1] * 8 + [1, 1, 2] + [1] * 4 + [1])
+    extrapolated = []
+
+    class RecordingGram:
+        def step(self, blocks, inv, sqrt_d, warm, k, *args, previous=None, **kwargs):
+            extrapolated.append(previous is not None)
+            res = EigResult(eigenvalues=warm.ritz_values[:k], eigenvectors=torch.zeros(0), block=warm.block,
+                            ritz_values=warm.ritz_values, residuals=torch.zeros(k), iterations=next(iterations),
+                            matvecs=0, converged=True, method="gram", num_isolated=0)
+            return res, None, None, 1
+
+    reg._chain_gram = RecordingGram()
+    reg._previous_block = reg.last_result.block
+    states = []
+    for _ in range(22):
+        reg._lean_step(None, None, None, torch.float64)
+        state = reg.state_dict()
+        states.append((state["extrapolate_pause"], state["extrapolate_backoff"]))
+    assert extrapolated == ([True] + [False] * 4 + [True] + [False] * 8 + [True, True, True] + [False] * 4
+                            + [True])
+    assert states[0] == (4, 4) and states[5] == (8, 8) and states[14] == (0, 0) and states[17] == (3, 4)
+    assert states[-1] == (0, 0)
+
+
 def test_every_reuses_the_block_between_recomputes(planted_weights):
     model = _planted_mlp(planted_weights, SIZES, k=3, seed=5)
     reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, every=3, tol=1e-12)

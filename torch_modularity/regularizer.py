@@ -730,6 +730,8 @@ class SpectralRegularizer:
         self._chain_gram: Optional[_ChainGram] = None
         # The warm block of the solve before last_result (chain path), for extrapolating the next start.
         self._previous_block: Optional[torch.Tensor] = None
+        self._extrapolate_pause = 0  # solves left without extrapolation
+        self._extrapolate_backoff = 0  # the last pause's length (0: the last extrapolation paid)
         self._pending = None
         # Reused buffers for |W| and, in the backward, sign(W) of large layers (see _abs_blocks).
         self._abs_cache: Optional[List[torch.Tensor]] = None
@@ -957,11 +959,22 @@ class SpectralRegularizer:
         if self._chain_gram is None:
             self._chain_gram = _ChainGram(self.layer_sizes)
         tol = self.tol if self.tol is not None else default_tol(cdtype)
+        # Extrapolating pays when the weights move smoothly (Adam); with noisy steps (plain SGD
+        # at a large rate) it doubles the noise and the step needs a second iteration. Then it
+        # pauses for 4, 8, ... 64 solves (doubling while it keeps failing) before trying again.
+        previous = self._previous_block if self._extrapolate_pause == 0 else None
         out = self._chain_gram.step(blocks, inv, sqrt_d, warm, self.k, self.degree, tol, self.max_iter,
-                                    num_isolated, self._zero_tol(cdtype), previous=self._previous_block)
+                                    num_isolated, self._zero_tol(cdtype), previous=previous)
         if out is None:
             return None
         res, xs, mx, n_zero = out
+        if previous is None:
+            self._extrapolate_pause = max(0, self._extrapolate_pause - 1)
+        elif res.iterations > 1:
+            self._extrapolate_backoff = min(2 * self._extrapolate_backoff, 64) if self._extrapolate_backoff else 4
+            self._extrapolate_pause = self._extrapolate_backoff
+        else:
+            self._extrapolate_backoff = 0
         self._previous_block = warm.block
         self.last_result = res
         self._report_connectivity(res, blocks, n_zero)
@@ -1032,6 +1045,8 @@ class SpectralRegularizer:
             "block": None if res is None else res.block.detach().clone(),
             "ritz_values": None if res is None else res.ritz_values.detach().clone(),
             "previous_block": None if self._previous_block is None else self._previous_block.detach().clone(),
+            "extrapolate_pause": self._extrapolate_pause,
+            "extrapolate_backoff": self._extrapolate_backoff,
             "vectors": None if self._vectors is None else self._vectors.T.detach().clone(),
             "eigenvalues": None if self._eigs is None else self._eigs.clone(),
             "n_isolated": self.n_isolated,
@@ -1057,6 +1072,8 @@ class SpectralRegularizer:
         self.n_components = state.get("n_components")
         self.disconnected = bool(state.get("disconnected", False))
         self._previous_block = None
+        self._extrapolate_pause = int(state.get("extrapolate_pause", 0))
+        self._extrapolate_backoff = int(state.get("extrapolate_backoff", 0))
         if state.get("block") is None:
             self.last_result, self._vectors, self._eigs = None, None, None
             return
