@@ -587,7 +587,10 @@ class SpectralRegularizer:
         degree: Chebyshev degree of the per-step (warm-started) solver iterations. On chains
             each step starts from the last two solves' wanted subspaces extrapolated linearly
             and ends with a polishing power step; degree 1 then gave gradient errors of ~1e-6
-            on the paper MLP (degree 2: ~3e-7 for ~25 % more solver GEMM work).
+            on the paper MLP with Adam at lr 1e-3 and 1e-2 (degree 2: ~3e-7 for ~25 % more
+            solver GEMM work). Where the weights move noisily (plain SGD at lr 0.1) the
+            extrapolated start needs a second iteration; extrapolation then pauses for 4, 8, ...
+            64 solves before it is tried again (1.17 iterations per step there instead of 2).
         block_size: solver block (default ``n_eigs + 1 + 8``).
         tol: solver residual tolerance of the returned eigenvectors (default ``1e-5`` for a
             float32 solver, ``1e-10`` for float64); a step iterates again until it holds.
