@@ -252,10 +252,22 @@ class _ChainGram:
         self.large = [l for l in range(n_layers) if coloring[l] != small]
         self.bounds = self._offsets(self.small)  # column range of each small-side layer
         self.large_bounds = self._offsets(self.large)
+        self._orders: Dict[torch.device, torch.Tensor] = {}
         self.n_small = sum(sizes[l] for l in self.small)
         # The filter's lower cut of the next step (a Ritz value of this one) as a Python float,
         # read together with the residuals: one host-device synchronisation per step.
         self._next_cut: Optional[Tuple[torch.Tensor, float]] = None
+
+    def _node_order(self, device) -> torch.Tensor:
+        """Index of every node (in node order) in a row laid out as (small side, large side)."""
+        order = self._orders.get(device)
+        if order is None:
+            parts = []
+            for l, n in enumerate(self.sizes):
+                a = self.bounds[l][0] if l in self.bounds else self.n_small + self.large_bounds[l][0]
+                parts.append(torch.arange(a, a + n))
+            order = self._orders[device] = torch.cat(parts).to(device)
+        return order
 
     def _offsets(self, layers: Sequence[int]) -> Dict[int, Tuple[int, int]]:
         out, off = {}, 0
@@ -354,8 +366,7 @@ class _ChainGram:
             y[0] = v0  # the exact top eigenvector (sigma = 1) replaces the most amplified direction
             q = _orthonormal_rows(y)  # (m, n_small)
             bq_t = self._half_rows(q, blocks, inv_sides, to_large=True)  # (m, n_large)
-            h = bq_t @ bq_t.T
-            theta, u = _small_eigh((h + h.T) * 0.5)
+            theta, u = _small_eigh(bq_t @ bq_t.T)  # eigh reads one triangle: no symmetrizing needed
             theta, u = theta.flip(0), u.flip(1)
             zt = u.T @ q  # all m Ritz vectors: the next warm start
             yk = u[:, :k].T @ bq_t  # B z for the k wanted ones, (k, n_large)
@@ -365,8 +376,8 @@ class _ChainGram:
             # B and B^T on k vectors, which then give M x exactly again, and the residual of the
             # vectors returned, checked against tol.
             zp = _orthonormal_rows(gzt)
-            signs = torch.sign((zp * zt[:k]).sum(dim=1))
-            zp = zp * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None]
+            overlap = (zp * zt[:k]).sum(dim=1)
+            zp = zp * torch.copysign(torch.ones_like(overlap), overlap)[:, None]  # keep each vector's sign
             yk = self._half_rows(zp, blocks, inv_sides, to_large=True)
             sigma2 = (yk * yk).sum(dim=1)
             gzt = self._half_rows(yk, blocks, inv_sides, to_large=False)
@@ -387,19 +398,10 @@ class _ChainGram:
         inv_sigma = sigma.reciprocal()[:, None]
         y_over_sigma = yk * inv_sigma
         gz_over_sigma = gzt * inv_sigma
-        x_parts, mx_parts = [], []
-        for l in range(len(self.sizes)):
-            if l in self.bounds:
-                a, b = self.bounds[l]
-                x_parts.append(zp[:, a:b])
-                mx_parts.append(gz_over_sigma[:, a:b])
-            else:
-                a, b = self.large_bounds[l]
-                x_parts.append(y_over_sigma[:, a:b])
-                mx_parts.append(yk[:, a:b])
         r2 = 1.0 / math.sqrt(2.0)
-        x_rows = torch.cat(x_parts, dim=1).mul_(r2)  # (k, N), node order
-        mx_rows = torch.cat(mx_parts, dim=1).mul_(r2)
+        order = self._node_order(zp.device)  # (small side, large side) -> node order, one gather
+        x_rows = torch.cat([zp, y_over_sigma], dim=1).index_select(1, order).mul_(r2)  # (k, N)
+        mx_rows = torch.cat([gz_over_sigma, yk], dim=1).index_select(1, order).mul_(r2)
         result = EigResult(
             eigenvalues=1.0 - sigma, eigenvectors=x_rows.T, block=zt.T, ritz_values=theta,
             residuals=res, iterations=it + 1, matvecs=(degree + 2) * (it + 1), converged=True, method="gram",
