@@ -26,8 +26,8 @@ How (``performance.md`` section 5):
   finite and its gradient bounded; the gap opens within a few training steps.
 
 Cost (``benchmarks/bench_regularizer.py``, 784-256x4-10 MLP, batch 128, Adam, float32, the
-2-core CPU box run alone): a regularized step took ~1.75x a plain one on one thread, ~2x on
-two (plain 7-8 / 5-6 ms; the naive dense-``eigh`` step ~100x) with a gradient error of ~1e-6
+2-core CPU box run alone): a regularized step took ~1.7-1.75x a plain one on one thread,
+~1.9-2x on two (plain 7-8 / 5-6 ms; the naive dense-``eigh`` step ~100x) with a gradient error of ~1e-6
 against float64 dense ``eigh``. The |W| and sign(W) of every layer (the latter for the
 backward) are written into buffers kept between calls: two more copies of the weights stay
 allocated, in exchange for the page faults of fresh large tensors (~0.6 s per step on the
