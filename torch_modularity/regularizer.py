@@ -338,31 +338,27 @@ class _ChainGram:
         inv_sides = (inv_small, torch.cat([inv[l] for l in self.large])[None, :])
         inv2_rows = {j: (inv[j] * inv[j])[None, :] for j in self.large}
         v0 = torch.cat([sqrt_d[l] for l in self.small])
-        v0 = v0 / v0.norm().clamp_min(torch.finfo(dtype).tiny)
+        tiny = torch.finfo(dtype).tiny
+        v0 = v0 / v0.norm().clamp_min(tiny)
         cached = self._next_cut
         smallest = cached[1] if cached is not None and cached[0] is warm.ritz_values else float(theta[m - 1])
         # lambda_j <= zero_tol  <=>  sigma_j^2 >= (1 - zero_tol)^2 (Ritz values are sigma^2)
         zero_sigma2 = (1.0 - zero_tol) ** 2
-        tiny = torch.finfo(dtype).tiny
         for it in range(max(1, max_iter)):
-            y = zt
-            if degree >= 1:
-                # Chebyshev filter damping [0, cut] (cut = the smallest Ritz value), amplifying above it.
-                # Normalized recurrence (as in eigen._chebyshev_filter): no overflow at any degree.
-                cut = min(max(smallest, 1e-4), 1.0 - 1e-7)
-                e = c = cut / 2.0
-                t0 = (1.0 - c) / e
-                rho_prev, rho = 1.0, t0
-                y_prev = zt
-                # In place on the fresh G y: fewer dispatches per step.
-                y = self._gram(zt, blocks, inv_small, inv2_rows).sub_(zt, alpha=c).mul_(1.0 / (e * t0))
-                for _ in range(1, degree):
-                    rho_next = 2.0 * t0 * rho - rho_prev
-                    y_next = (self._gram(y, blocks, inv_small, inv2_rows).sub_(y, alpha=c)
-                              .mul_(2.0 * rho / (e * rho_next)).sub_(y_prev, alpha=rho_prev / rho_next))
-                    y_prev, y, rho_prev, rho = y, y_next, rho, rho_next
-            else:
-                y = zt.clone()
+            # Chebyshev filter damping [0, cut] (cut = the smallest Ritz value), amplifying above it.
+            # Normalized recurrence (as in eigen._chebyshev_filter): no overflow at any degree.
+            cut = min(max(smallest, 1e-4), 1.0 - 1e-7)
+            e = c = cut / 2.0
+            t0 = (1.0 - c) / e
+            rho_prev, rho = 1.0, t0
+            y_prev = zt
+            # In place on the fresh G y: fewer dispatches per step.
+            y = self._gram(zt, blocks, inv_small, inv2_rows).sub_(zt, alpha=c).mul_(1.0 / (e * t0))
+            for _ in range(1, degree):
+                rho_next = 2.0 * t0 * rho - rho_prev
+                y_next = (self._gram(y, blocks, inv_small, inv2_rows).sub_(y, alpha=c)
+                          .mul_(2.0 * rho / (e * rho_next)).sub_(y_prev, alpha=rho_prev / rho_next))
+                y_prev, y, rho_prev, rho = y, y_next, rho, rho_next
             y[0] = v0  # the exact top eigenvector (sigma = 1) replaces the most amplified direction
             q = _orthonormal_rows(y)  # (m, n_small)
             bq_t = self._half_rows(q, blocks, inv_sides, to_large=True)  # (m, n_large)
@@ -424,7 +420,7 @@ class _HFState:
         # (M X)^T, when the solver produced it for these very weights: then the forward and the
         # degree terms of the backward need no GEMM.
         self.mx, self.sqrt_d = mx, sqrt_d
-        # Per layer, a tensor shaped like the block to hold sign(W) in the backward (or None).
+        # Per layer, a tensor shaped like the block to hold sign(W) in the backward (None: none kept).
         self.scratch = scratch
         self.u = self.us = self.ps = self.acc = None
         self.done = False
@@ -738,9 +734,9 @@ class SpectralRegularizer:
         self._extrapolate_pause = 0  # solves left without extrapolation
         self._extrapolate_backoff = 0  # the last pause's length (0: the last extrapolation paid)
         self._pending = None
-        # Reused buffers for |W| and, in the backward, sign(W) of large layers (see _abs_blocks).
+        # Reused buffers for |W| and, in the backward, sign(W) of every layer (see _abs_blocks).
         self._abs_cache: Optional[List[torch.Tensor]] = None
-        self._sign_scratch: Optional[List[Optional[torch.Tensor]]] = None
+        self._sign_scratch: Optional[List[torch.Tensor]] = None
         self._polish = True
         if self.normalize_relu:
             _check_homogeneous(module, self._chain)
@@ -855,7 +851,7 @@ class SpectralRegularizer:
         for warm in (self.last_result, None):
             res = chebyshev_eigs(
                 sizes, detached, self.k,
-                block_size=self.block_size, degree=max(1, self.degree) if warm is not None else self.cold_degree, tol=tol,
+                block_size=self.block_size, degree=self.degree if warm is not None else self.cold_degree, tol=tol,
                 max_iter=self.max_iter if warm is not None else self.cold_iter,
                 warm_start=warm, seed=self.seed, dtype=dtype, layer_degrees=degrees, prescale=False,
                 polish=self._polish,

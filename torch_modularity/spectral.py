@@ -457,12 +457,16 @@ def _lloyd(x_aug: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, max_ite
     sums = counts = None
     c_aug = np.empty((d + 1, k))
     partial = np.empty((n, k))  # reused: a fresh (n, k) array per step costs page faults
-    for _ in range(max_iter):
-        # Few numpy calls per iteration: on a few thousand points they, not the arithmetic, cost.
+
+    def distances_less_norms(centres: np.ndarray) -> np.ndarray:
+        """``|c|^2 - 2 x.c`` for every point and centre, into ``partial``: one GEMM (few numpy
+        calls: on a few thousand points they, not the arithmetic, cost)."""
         np.multiply(centres.T, -2.0, out=c_aug[:d])
         np.einsum("ij,ij->i", centres, centres, out=c_aug[d])
-        np.matmul(x_aug, c_aug, out=partial)
-        new_labels = partial.argmin(axis=1)
+        return np.matmul(x_aug, c_aug, out=partial)
+
+    for _ in range(max_iter):
+        new_labels = distances_less_norms(centres).argmin(axis=1)
         moved = None if labels is None else np.flatnonzero(new_labels != labels)
         if moved is not None and moved.size <= min_changes:
             break  # assignments are (nearly) stable: the centres would not move (much) any more
@@ -490,9 +494,7 @@ def _lloyd(x_aug: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, max_ite
         centres = new
         if np.vdot(step, step) <= tol:
             break
-    np.multiply(centres.T, -2.0, out=c_aug[:d])
-    np.einsum("ij,ij->i", centres, centres, out=c_aug[d])
-    dist = x_aug @ c_aug
+    dist = distances_less_norms(centres)
     dist += sq_norms[:, None]
     labels = np.argmin(dist, axis=1)
     inertia = float(np.maximum(dist[np.arange(n), labels], 0).sum())
