@@ -6,7 +6,7 @@ import torch
 
 from torch_modularity import WeightGraph, clusterability, ncut, shuffle_weights, spectral_clustering, spectral_embedding
 from torch_modularity import spectral
-from torch_modularity.refine import refine_partition
+from torch_modularity.refine import native_available, refine_partition
 from torch_modularity.spectral import _cluster_blocks, _ncut_from_blocks
 
 
@@ -54,15 +54,77 @@ def test_refinement_never_raises_the_ncut(seed, monkeypatch):
     assert refined.ncut <= plain.ncut + 1e-12
 
 
-def test_refine_partition_keeps_every_cluster_and_matches_bruteforce_ncut():
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_refine_partition_keeps_every_cluster_and_matches_bruteforce_ncut(backend):
     graph = _pruned_mlp([30, 40, 20], 1.0, 3)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 6, graph.num_nodes)
     labels[:6] = np.arange(6)  # every cluster non-empty at the start
-    new, value = refine_partition(graph.layer_sizes, graph.numpy_blocks(), [[0, 2], [1]], labels, 6, graph.degrees())
+    new, value = refine_partition(graph.layer_sizes, graph.numpy_blocks(), [[0, 2], [1]], labels, 6, graph.degrees(),
+                                  backend=backend)
     assert value < ncut(graph, labels)
     assert value == pytest.approx(ncut(graph, new), abs=1e-10)
     assert np.bincount(new, minlength=6).min() >= 1
+
+
+def test_native_refinement_kernel_is_built():
+    # `pip install` compiles it (setup.py); without a C compiler the numpy version runs instead,
+    # but the test environment is expected to have one, so a failed build does not go unnoticed.
+    assert native_available(), "torch_modularity/_refine_native.c was not built: reinstall with a C compiler"
+
+
+def _skip_graph(seed):
+    """A DAG with a skip connection (not bipartite: every layer is its own group)."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [(0, 1, torch.rand(40, 30, generator=gen)), (1, 2, torch.rand(35, 40, generator=gen)),
+              (0, 2, torch.rand(35, 30, generator=gen) * (torch.rand(35, 30, generator=gen) < 0.3))]
+    return WeightGraph([30, 40, 35], blocks)
+
+
+@pytest.mark.parametrize("case", ["chain-f32", "chain-f64", "skip-f64", "many-clusters"])
+def test_native_and_numpy_refinement_make_the_same_moves(case):
+    # The C kernel reproduces the numpy implementation step by step: on graphs with generic
+    # weights (no ties) both end at the same labels; values agree to rounding.
+    rng = np.random.default_rng(11)
+    if case.startswith("chain"):
+        graph = _pruned_mlp([50, 60, 60, 12], 1.0, 12)
+        groups = [np.nonzero(graph.layer_coloring() == c)[0].tolist() for c in (0, 1)]
+        k = 7
+    elif case == "skip-f64":
+        graph = _skip_graph(13)
+        groups = [[0], [1], [2]]
+        k = 6
+    else:  # 12 clusters on 26 nodes: moves that would empty a cluster are dropped
+        graph = _pruned_mlp([10, 12, 4], 1.0, 14)
+        groups = [[0, 2], [1]]
+        k = 12
+    dtype = np.float32 if case == "chain-f32" else np.float64
+    blocks = [(s, d, w.astype(dtype)) for s, d, w in graph.numpy_blocks(np.float64)]
+    labels = rng.integers(0, k, graph.num_nodes)
+    labels[rng.permutation(graph.num_nodes)[:k]] = np.arange(k)  # every cluster non-empty
+    deg = graph.degrees()
+    native = refine_partition(graph.layer_sizes, blocks, groups, labels, k, deg, return_start=True, backend="native")
+    ref = refine_partition(graph.layer_sizes, blocks, groups, labels, k, deg, return_start=True, backend="numpy")
+    np.testing.assert_array_equal(native[0], ref[0])
+    # (the numpy version sums float32 products in float32, the kernel in float64)
+    rel = 1e-6 if dtype == np.float32 else 1e-9
+    assert native[1] == pytest.approx(ref[1], rel=rel) and native[2] == pytest.approx(ref[2], rel=rel)
+    assert native[1] < native[2]  # it did move nodes
+    assert native[1] == pytest.approx(ncut(graph, native[0]), rel=1e-5 if dtype == np.float32 else 1e-9)
+    assert np.bincount(native[0], minlength=k).min() >= 1
+
+
+def test_native_refinement_takes_dense_blocks_only():
+    graph = _pruned_mlp([40, 50, 10], 0.3, 15)
+    blocks = [(s, d, sp.csr_matrix(w) if s == 0 else w) for s, d, w in graph.numpy_blocks(np.float64)]
+    labels = np.arange(graph.num_nodes) % 5
+    with pytest.raises(RuntimeError, match="dense"):
+        refine_partition(graph.layer_sizes, blocks, [[0, 2], [1]], labels, 5, graph.degrees(), backend="native")
+    auto = refine_partition(graph.layer_sizes, blocks, [[0, 2], [1]], labels, 5, graph.degrees())  # numpy path
+    ref = refine_partition(graph.layer_sizes, blocks, [[0, 2], [1]], labels, 5, graph.degrees(), backend="numpy")
+    np.testing.assert_array_equal(auto[0], ref[0])
+    with pytest.raises(ValueError, match="backend"):
+        refine_partition(graph.layer_sizes, blocks, [[0, 2], [1]], labels, 5, graph.degrees(), backend="c")
 
 
 def test_sparse_and_dense_blocks_agree():

@@ -11,11 +11,16 @@ never worse than the start and always keeps every cluster non-empty.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import ctypes
+import functools
+import importlib.machinery
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import scipy.sparse as sp
 
-__all__ = ["refine_partition"]
+__all__ = ["refine_partition", "native_available"]
 
 # A move batch touching more than 1/_GATHER_RATIO of a block's columns updates the edge
 # totals with a full product instead of a column gather.
@@ -28,6 +33,68 @@ def one_hot(labels: np.ndarray, k: int, dtype=np.float64) -> np.ndarray:
     keep = labels >= 0
     h[np.nonzero(keep)[0], labels[keep]] = 1
     return h
+
+
+@functools.lru_cache(maxsize=1)
+def _native_lib() -> Optional[ctypes.CDLL]:
+    """The compiled kernel (``_refine_native.c``, built by ``pip install``), or ``None``.
+
+    Memoized: looked up once per process. Missing when the package was installed without a C
+    compiler; the numpy implementation below then runs (same algorithm, same moves).
+    """
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_refine_native{suffix}"
+        if not path.is_file():
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        for name in ("tm_refine_dense_f32", "tm_refine_dense_f64"):
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_int
+            fn.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64,
+                           ctypes.c_double, ptr]
+        return lib
+    return None
+
+
+def native_available() -> bool:
+    """Whether the compiled refinement kernel is installed (else the numpy version runs)."""
+    return _native_lib() is not None
+
+
+def _refine_native(sizes, blocks, groups, labels, k, deg, max_passes, inner_passes, eps):
+    """:func:`refine_partition` by the C kernel: ``(labels, ncut, start)``, or ``None`` when the
+    kernel is missing or the blocks are not all dense float32 / all dense float64."""
+    lib = _native_lib()
+    if lib is None or not blocks or any(sp.issparse(w) for _, _, w in blocks):
+        return None
+    dtype = np.dtype(blocks[0][2].dtype)
+    if dtype not in (np.float32, np.float64) or any(w.dtype != dtype for _, _, w in blocks):
+        return None
+    data = [np.ascontiguousarray(w) for _, _, w in blocks]
+    sizes_a = np.asarray(sizes, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes_a)]).astype(np.int64)
+    src = np.asarray([b[0] for b in blocks], dtype=np.int64)
+    dst = np.asarray([b[1] for b in blocks], dtype=np.int64)
+    pointers = (ctypes.c_void_p * len(data))(*[w.ctypes.data for w in data])
+    layer_groups = [list(g) for g in groups if len(g)]
+    group_ptr = np.concatenate([[0], np.cumsum([len(g) for g in layer_groups])]).astype(np.int64)
+    group_layers = np.asarray([l for g in layer_groups for l in g], dtype=np.int64)
+    out_labels = np.array(labels, dtype=np.int64)  # a copy: the kernel moves labels in place
+    deg = np.ascontiguousarray(deg, dtype=np.float64)
+    values = np.zeros(2)
+    fn = lib.tm_refine_dense_f32 if dtype == np.float32 else lib.tm_refine_dense_f64
+    status = fn(len(sizes_a), sizes_a.ctypes.data, offsets.ctypes.data, len(data), src.ctypes.data, dst.ctypes.data,
+                ctypes.cast(pointers, ctypes.c_void_p), len(layer_groups), group_ptr.ctypes.data,
+                group_layers.ctypes.data if group_layers.size else None, out_labels.ctypes.data, deg.ctypes.data,
+                int(k), int(max_passes), int(inner_passes), float(eps), values.ctypes.data)
+    if status != 0:
+        raise MemoryError("the refinement kernel could not allocate its work arrays")
+    return out_labels, float(values[0]), float(values[1])
 
 
 def _ncut_from_totals(w_in: np.ndarray, vol: np.ndarray, eps: float) -> float:
@@ -45,6 +112,7 @@ def refine_partition(
     inner_passes: int = 1,
     eps: float = 1e-8,
     return_start: bool = False,
+    backend: str = "auto",
 ):
     """Lower the n-cut of ``labels`` by batched greedy node moves.
 
@@ -55,33 +123,59 @@ def refine_partition(
         k: number of clusters.
         degrees: weighted degree of every node.
         max_passes: sweeps over all groups; inner_passes: batches tried per group visit.
+        backend: ``"native"`` (the C kernel; dense blocks only), ``"numpy"``, or ``"auto"``
+            (native where it applies). Both make the same moves up to rounding.
 
     Returns:
         ``(labels, ncut)`` with ``ncut`` no higher than the start's; with ``return_start``
         ``(labels, ncut, start_ncut)`` (the start's n-cut, from the same exact sums).
     """
+    if backend not in ("auto", "native", "numpy"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'numpy', got {backend!r}")
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     n = int(offsets[-1])
-    labels = np.asarray(labels, dtype=np.int64).copy()
-    deg = np.asarray(degrees, dtype=np.float64)
-    if deg.shape != (n,):
+    deg_in = np.asarray(degrees, dtype=np.float64)
+    if deg_in.shape != (n,):
         raise ValueError(f"degrees must have one entry per node ({n})")
+    if backend != "numpy":
+        out = _refine_native(sizes, blocks, groups, labels, k, deg_in, max_passes, inner_passes, eps)
+        if out is not None:
+            return out if return_start else out[:2]
+        if backend == "native":
+            raise RuntimeError("the native refinement kernel is not installed or does not take these blocks "
+                               "(dense float32/float64 only); use backend='numpy'")
     dtype = blocks[0][2].dtype if blocks else np.float64
 
-    def layer_slice(l: int) -> slice:
-        return slice(offsets[l], offsets[l + 1])
+    # Nodes are renumbered so that every group is one contiguous range (its rows of the edge
+    # totals are then a view, not a gather per visit); ``node_order[p]`` is the node at position p.
+    layer_groups = [list(g) for g in groups if len(g)]
+    placed = [l for g in layer_groups for l in g]
+    order_layers = placed + [l for l in range(len(sizes)) if l not in set(placed)]
+    start_of = np.zeros(len(sizes), dtype=np.int64)
+    pos = 0
+    for l in order_layers:
+        start_of[l] = pos
+        pos += sizes[l]
+    node_order = np.concatenate([np.arange(offsets[l], offsets[l + 1]) for l in order_layers])
+    labels = np.asarray(labels, dtype=np.int64)[node_order]
+    deg = deg_in[node_order]
 
-    # e[i, c]: edge weight from node i to cluster c. Kept up to date incrementally: a move
+    def layer_slice(l: int) -> slice:
+        return slice(start_of[l], start_of[l] + sizes[l])
+
+    # e[c, i]: edge weight from node i to cluster c (cluster-major: the per-node maximum over
+    # clusters is then an elementwise maximum of k rows). Kept up to date incrementally: a move
     # of node j changes e only for j's neighbours, by the column (or row) of j's weights.
-    e = np.zeros((n, k))
+    e = np.zeros((k, n))
     for src, dst, w in blocks:
-        e[layer_slice(dst)] += w @ one_hot(labels[layer_slice(src)], k, dtype)
-        e[layer_slice(src)] += w.T @ one_hot(labels[layer_slice(dst)], k, dtype)
+        # (sparse or dense block on the left: a dense @ CSR product would give np.matrix)
+        e[:, layer_slice(dst)] += (w @ one_hot(labels[layer_slice(src)], k, dtype)).T
+        e[:, layer_slice(src)] += (w.T @ one_hot(labels[layer_slice(dst)], k, dtype)).T
     vol = np.bincount(labels, weights=deg, minlength=k)
-    w_in = np.bincount(labels, weights=e[np.arange(n), labels], minlength=k)  # = 2 x inner weight
+    w_in = np.bincount(labels, weights=e[labels, np.arange(n)], minlength=k)  # = 2 x inner weight
     counts = np.bincount(labels, minlength=k)
     current = start = _ncut_from_totals(w_in, vol, eps)
-    layer_of = np.repeat(np.arange(len(sizes)), sizes)
+    layer_at = np.repeat(np.asarray(order_layers), [sizes[l] for l in order_layers])
 
     # Blocks touching each layer, as (matrix, other layer, layer is the block's source).
     touching: List[List[Tuple[object, int, bool]]] = [[] for _ in sizes]
@@ -90,69 +184,82 @@ def refine_partition(
         touching[dst].append((w, src, False))
 
     def apply_moves(nodes: np.ndarray, old: np.ndarray, new: np.ndarray) -> None:
-        """Update e of the neighbours of the moved ``nodes``."""
-        rows = np.arange(nodes.size)
-        change_all = np.zeros((nodes.size, k), dtype=dtype)
-        change_all[rows, new] = 1
-        change_all[rows, old] -= 1
-        moved_layer = layer_of[nodes]
+        """Update e of the neighbours of the moved ``nodes`` (positions)."""
+        cols = np.arange(nodes.size)
+        change_all = np.zeros((k, nodes.size), dtype=dtype)
+        change_all[new, cols] = 1
+        change_all[old, cols] -= 1
+        moved_layer = layer_at[nodes]
         for here in np.unique(moved_layer):
             sel = np.nonzero(moved_layer == here)[0]
-            local = nodes[sel] - offsets[here]
-            change = change_all[sel]
+            local = nodes[sel] - start_of[here]
+            change = change_all[:, sel]
             for w, there, is_src in touching[here]:
-                if not is_src:  # moved nodes are destinations: e[src] += W[local, :]^T @ change (row gather)
-                    e[layer_slice(there)] += w[local, :].T @ change
+                target = e[:, layer_slice(there)]
+                if sp.issparse(w):
+                    # Sparse block on the left (a dense @ CSR product gives np.matrix).
+                    target += (w[local, :].T @ change.T).T if not is_src else (w[:, local] @ change.T).T
+                elif not is_src:  # moved nodes are destinations: e[:, src] += change @ W[local, :] (row gather)
+                    target += change @ w[local, :]
                 elif local.size * _GATHER_RATIO >= w.shape[1]:
-                    # Moved sources: a column gather touches a cache line per entry (and CSR
-                    # column slicing is slower still); for more than 1/16 of the columns one
-                    # streaming product with the (mostly zero) change matrix is faster.
-                    full = np.zeros((w.shape[1], k), dtype=dtype)
-                    full[local] = change
-                    e[layer_slice(there)] += w @ full
-                else:  # e[dst] += W[:, local] @ change
-                    e[layer_slice(there)] += w[:, local] @ change
+                    # Moved sources: a column gather touches a cache line per entry; for more
+                    # than 1/16 of the columns one streaming product with the (mostly zero)
+                    # change matrix is faster.
+                    full = np.zeros((k, w.shape[1]), dtype=dtype)
+                    full[:, local] = change
+                    target += full @ w.T
+                else:  # e[:, dst] += change @ W[:, local]^T
+                    target += change @ w[:, local].T
 
-    group_ids = [np.concatenate([np.arange(offsets[l], offsets[l + 1]) for l in g]) for g in groups if len(g)]
+    bounds = []
+    for g in layer_groups:
+        lo = start_of[g[0]]
+        bounds.append((lo, lo + sum(sizes[l] for l in g)))
     for _ in range(max_passes):
         improved = False
-        for ids in group_ids:
-            d = deg[ids]
-            rows = np.arange(len(ids))
+        for lo, hi in bounds:
+            d = deg[lo:hi]
+            rows = np.arange(hi - lo)
             for _ in range(inner_passes):
-                eg = e[ids]
-                a = labels[ids]
-                e_a = eg[rows, a]
-                # Change of n-cut when node i alone moves from a to b (rows: nodes).
-                vol_a_new = vol[a] - d
-                keep_a = w_in[a] / (vol[a] + eps)
-                new_a = np.where(vol_a_new > 0, (w_in[a] - 2 * e_a) / (vol_a_new + eps), 0.0)
-                # gain_b = (w_in + 2 e_ib) / (vol_b + d_i) - w_in / vol_b, then delta = (keep_a - new_a) - gain_b,
-                # in place on one (n, k) array (this runs for every group visit).
-                delta = eg * 2.0
-                delta += w_in
-                delta /= np.add.outer(d, vol + eps)
-                delta -= w_in / (vol + eps)
-                np.subtract((keep_a - new_a)[:, None], delta, out=delta)  # negative = lower n-cut
-                delta[rows, a] = np.inf
-                best_b = np.argmin(delta, axis=1)
-                best = delta[rows, best_b]
-                cand = np.nonzero(best < -1e-12)[0]
+                eg = e[:, lo:hi]  # a view: (k, nodes of the group)
+                a = labels[lo:hi]
+                e_a = eg[a, rows]
+                # Moving node i from a to b lowers the n-cut by gain_b - loss_a, with
+                # loss_a = w_a / vol_a - (w_a - 2 e_ia) / (vol_a - d_i) and
+                # gain_b = (w_b + 2 e_ib) / (vol_b + d_i) - w_b / vol_b = (2 e_ib - c_b d_i) / (vol_b + d_i)
+                # where c_b = w_b / vol_b (eps added to every volume, as in the n-cut).
+                vol_a = vol[a]
+                vol_a_new = vol_a - d
+                loss = w_in[a] / (vol_a + eps)
+                loss -= np.divide(w_in[a] - 2 * e_a, vol_a_new + eps, where=vol_a_new > 0, out=np.zeros(hi - lo))
+                gain = np.multiply.outer(-(w_in / (vol + eps)), d)
+                gain += eg
+                gain += eg
+                gain /= np.add.outer(vol + eps, d)
+                gain[a, rows] = -np.inf
+                best = gain.max(axis=0)  # k rows: an elementwise maximum
+                best -= loss  # the n-cut decrease of each node's best single move
+                cand = np.nonzero(best > 1e-12)[0]
                 if cand.size == 0:
                     break
-                cand = cand[np.argsort(best[cand])]
+                cand = cand[np.argsort(-best[cand], kind="stable")]  # ties: lower position first
+                best_b = np.zeros(hi - lo, dtype=np.int64)
+                best_b[cand] = gain[:, cand].argmax(axis=0)
                 batch = _best_prefix(cand, a, best_b, eg, d, w_in, vol, counts, current, k, eps)
                 if batch is None:
                     break
                 src_c, dst_c = a[batch], best_b[batch]
                 w_in, vol = _totals_after(batch, a, best_b, eg, d, w_in, vol, k)
                 current = _ncut_from_totals(w_in, vol, eps)
-                labels[ids[batch]] = dst_c
-                apply_moves(ids[batch], src_c, dst_c)
+                labels[lo + batch] = dst_c
+                apply_moves(lo + batch, src_c, dst_c)
                 counts = counts - np.bincount(src_c, minlength=k) + np.bincount(dst_c, minlength=k)
                 improved = True
         if not improved:
             break
+    out = np.empty(n, dtype=np.int64)
+    out[node_order] = labels
+    labels = out
     return (labels, current, start) if return_start else (labels, current)
 
 
@@ -161,8 +268,8 @@ def _totals_after(batch, a, best_b, eg, d, w_in, vol, k):
 
     Nodes of one group share no edges, so the moves' changes simply add up."""
     src_c, dst_c = a[batch], best_b[batch]
-    new_w = w_in - 2 * np.bincount(src_c, weights=eg[batch, src_c], minlength=k) \
-        + 2 * np.bincount(dst_c, weights=eg[batch, dst_c], minlength=k)
+    new_w = w_in - 2 * np.bincount(src_c, weights=eg[src_c, batch], minlength=k) \
+        + 2 * np.bincount(dst_c, weights=eg[dst_c, batch], minlength=k)
     new_vol = vol - np.bincount(src_c, weights=d[batch], minlength=k) + np.bincount(dst_c, weights=d[batch], minlength=k)
     return new_w, new_vol
 
@@ -190,7 +297,7 @@ def _best_prefix(cand, a, best_b, eg, d, w_in, vol, counts, current, k, eps):
     # Segment i holds the candidates in prefix i but not in prefix i - 1; per-segment cluster
     # totals by one bincount per quantity, then a cumulative sum over the few segments.
     seg = np.searchsorted(ends, np.arange(m), side="right") * k
-    ew = 2.0 * eg[cand, src_c], 2.0 * eg[cand, dst_c]
+    ew = 2.0 * eg[src_c, cand], 2.0 * eg[dst_c, cand]
 
     def prefix_totals(weights_out, weights_in):
         per_seg = np.bincount(seg + dst_c, weights=weights_in, minlength=n_seg * k) \

@@ -1,0 +1,283 @@
+/* Greedy n-cut refinement on dense weight blocks: the loop of refine.refine_partition in C.
+ *
+ * Plain C (no Python or numpy headers), loaded with ctypes; refine.py keeps the numpy version
+ * as the reference and the fallback. The algorithm and its floating-point expressions follow
+ * refine.py step by step (same gains, same stable candidate order, same halving prefixes), so
+ * both choose the same moves up to rounding in the cluster totals. On a few thousand nodes the
+ * numpy version spends its time in ~80 small array calls per batch of moves; here a batch
+ * costs a pass over the group's nodes and the moved nodes' weight rows and columns.
+ *
+ * Layout: labels and degrees in node order; e[i * k + c] is node i's edge weight to cluster c;
+ * every block is a C-contiguous (n_dst, n_src) array of |W| (float or double).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const int64_t *order;   /* candidate positions (within the group), sorted by gain */
+    const double *key;      /* n-cut decrease per position */
+} sort_ctx;
+
+/* Stable merge sort of idx[0..m) by key descending (ties keep ascending position). */
+static void sort_desc(int64_t *idx, int64_t *tmp, int64_t m, const double *key) {
+    if (m < 2) return;
+    int64_t h = m / 2;
+    sort_desc(idx, tmp, h, key);
+    sort_desc(idx + h, tmp, m - h, key);
+    int64_t i = 0, j = h, o = 0;
+    while (i < h && j < m) {
+        if (key[idx[j]] > key[idx[i]]) tmp[o++] = idx[j++];
+        else tmp[o++] = idx[i++];
+    }
+    while (i < h) tmp[o++] = idx[i++];
+    while (j < m) tmp[o++] = idx[j++];
+    memcpy(idx, tmp, (size_t)m * sizeof(int64_t));
+}
+
+static double ncut_from_totals(const double *w_in, const double *vol, int64_t k, double eps) {
+    double s = 0.0;
+    for (int64_t c = 0; c < k; c++) {
+        double cut = vol[c] - w_in[c];
+        s += (cut > 0.0 ? cut : 0.0) / (vol[c] + eps);
+    }
+    return s;
+}
+
+/* Totals after moving batch[0..m) (positions in the group) from a[] to b[]; as _totals_after. */
+static void totals_after(const int64_t *batch, int64_t m, const int64_t *nodes, const int64_t *a,
+                         const int64_t *b, const double *e, const double *deg, int64_t k,
+                         const double *w_in, const double *vol, double *new_w, double *new_vol,
+                         double *s_out, double *s_in, double *v_out, double *v_in) {
+    memset(s_out, 0, (size_t)k * sizeof(double));
+    memset(s_in, 0, (size_t)k * sizeof(double));
+    memset(v_out, 0, (size_t)k * sizeof(double));
+    memset(v_in, 0, (size_t)k * sizeof(double));
+    for (int64_t t = 0; t < m; t++) {
+        int64_t p = batch[t], i = nodes[p];
+        s_out[a[p]] += e[i * k + a[p]];
+        s_in[b[p]] += e[i * k + b[p]];
+        v_out[a[p]] += deg[i];
+        v_in[b[p]] += deg[i];
+    }
+    for (int64_t c = 0; c < k; c++) {
+        new_w[c] = w_in[c] - 2.0 * s_out[c] + 2.0 * s_in[c];
+        new_vol[c] = vol[c] - v_out[c] + v_in[c];
+    }
+}
+
+#define DEFINE_REFINE(NAME, T)                                                                          \
+int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t n_blocks,            \
+         const int64_t *bsrc, const int64_t *bdst, const T *const *bdata, int64_t n_groups,            \
+         const int64_t *group_ptr, const int64_t *group_layers, int64_t *labels, const double *deg,    \
+         int64_t k, int64_t max_passes, int64_t inner_passes, double eps, double *out_values) {        \
+    int64_t n = offsets[n_layers];                                                                     \
+    int status = 0;                                                                                    \
+    double *e = calloc((size_t)(n * k), sizeof(double));                                               \
+    double *work = malloc((size_t)(14 * k + 8) * sizeof(double));                                      \
+    int64_t *counts = calloc((size_t)k, sizeof(int64_t));                                              \
+    int64_t *left = malloc((size_t)k * sizeof(int64_t));                                               \
+    int64_t *nodes = malloc((size_t)(n + 1) * sizeof(int64_t));                                        \
+    int64_t *layer_of = malloc((size_t)(n + 1) * sizeof(int64_t));                                     \
+    int64_t *a = malloc((size_t)(n + 1) * sizeof(int64_t));                                            \
+    int64_t *bb = malloc((size_t)(n + 1) * sizeof(int64_t));                                           \
+    double *best = malloc((size_t)(n + 1) * sizeof(double));                                           \
+    int64_t *cand = malloc((size_t)(n + 1) * sizeof(int64_t));                                         \
+    int64_t *tmp = malloc((size_t)(n + 1) * sizeof(int64_t));                                          \
+    int64_t *keep = malloc((size_t)(n + 1) * sizeof(int64_t));                                         \
+    double *quad = malloc((size_t)(4 * k) * sizeof(double));                                          \
+    if (!e || !work || !counts || !left || !nodes || !layer_of || !a || !bb || !best || !cand ||        \
+        !tmp || !keep || !quad) {                                                                               \
+        status = -1;                                                                                   \
+        goto done;                                                                                     \
+    }                                                                                                  \
+    double *w_in = work, *vol = work + k, *new_w = work + 2 * k, *new_vol = work + 3 * k;              \
+    double *s_out = work + 4 * k, *s_in = work + 5 * k, *v_out = work + 6 * k, *v_in = work + 7 * k;   \
+    double *pw = work + 8 * k, *volp = work + 9 * k, *best_w = work + 10 * k, *best_v = work + 11 * k;        \
+    double *gains = work + 12 * k;   \
+    for (int64_t l = 0; l < n_layers; l++)                                                             \
+        for (int64_t i = offsets[l]; i < offsets[l + 1]; i++) layer_of[i] = l;                         \
+    /* Edge weight of every node to every cluster: one pass over each block. A row's weights   \
+     * go to its node by source label (scalar) and, whole, into the sums by destination label  \
+     * (a contiguous, vectorizable add), which are then transposed into the source nodes. */    \
+    for (int64_t bi = 0; bi < n_blocks; bi++) {                                                        \
+        const T *w = bdata[bi];                                                                        \
+        int64_t ns = sizes[bsrc[bi]], nd = sizes[bdst[bi]];                                            \
+        int64_t os = offsets[bsrc[bi]], od = offsets[bdst[bi]];                                        \
+        const int64_t *lab_s = labels + os;                                                            \
+        double *by_dst = calloc((size_t)(k * ns), sizeof(double));                                     \
+        if (!by_dst) {                                                                                 \
+            status = -1;                                                                               \
+            goto done;                                                                                 \
+        }                                                                                              \
+        for (int64_t r = 0; r < nd; r++) {                                                             \
+            const T *row = w + r * ns;                                                                 \
+            double *er = e + (od + r) * k;                                                             \
+            double *acc = by_dst + labels[od + r] * ns;                                                \
+            /* Four interleaved sets of cluster sums: consecutive weights of one label would      \
+             * otherwise wait on each other's additions. */                                       \
+            memset(quad, 0, (size_t)(4 * k) * sizeof(double));                                        \
+            int64_t j4 = ns - ns % 4;                                                                  \
+            for (int64_t j = 0; j < j4; j += 4) {                                                      \
+                quad[lab_s[j]] += (double)row[j];                                                      \
+                quad[k + lab_s[j + 1]] += (double)row[j + 1];                                          \
+                quad[2 * k + lab_s[j + 2]] += (double)row[j + 2];                                      \
+                quad[3 * k + lab_s[j + 3]] += (double)row[j + 3];                                      \
+            }                                                                                          \
+            for (int64_t j = j4; j < ns; j++) quad[lab_s[j]] += (double)row[j];                        \
+            for (int64_t c = 0; c < k; c++) er[c] += (quad[c] + quad[k + c]) + (quad[2 * k + c] + quad[3 * k + c]); \
+            for (int64_t j = 0; j < ns; j++) acc[j] += (double)row[j];                                 \
+        }                                                                                              \
+        for (int64_t j = 0; j < ns; j++)                                                               \
+            for (int64_t c = 0; c < k; c++) e[(os + j) * k + c] += by_dst[c * ns + j];                 \
+        free(by_dst);                                                                                  \
+    }                                                                                                  \
+    memset(w_in, 0, (size_t)(2 * k) * sizeof(double));                                                \
+    for (int64_t i = 0; i < n; i++) {                                                                  \
+        vol[labels[i]] += deg[i];                                                                      \
+        w_in[labels[i]] += e[i * k + labels[i]];                                                       \
+        counts[labels[i]] += 1;                                                                        \
+    }                                                                                                  \
+    double current = ncut_from_totals(w_in, vol, k, eps);                                              \
+    out_values[1] = current;                                                                           \
+    for (int64_t pass = 0; pass < max_passes; pass++) {                                                \
+        int improved = 0;                                                                              \
+        for (int64_t g = 0; g < n_groups; g++) {                                                       \
+            int64_t ng = 0;                                                                            \
+            for (int64_t q = group_ptr[g]; q < group_ptr[g + 1]; q++) {                                \
+                int64_t l = group_layers[q];                                                           \
+                for (int64_t i = offsets[l]; i < offsets[l + 1]; i++) nodes[ng++] = i;                 \
+            }                                                                                          \
+            if (ng == 0) continue;                                                                     \
+            for (int64_t inner = 0; inner < inner_passes; inner++) {                                   \
+                /* Best single move of every node (as refine.py: gain_b - loss_a). */                  \
+                int64_t m = 0;                                                                         \
+                for (int64_t c = 0; c < k; c++) {                                                      \
+                    pw[c] = -(w_in[c] / (vol[c] + eps));                                               \
+                    volp[c] = vol[c] + eps;                                                            \
+                }                                                                                      \                   \
+                for (int64_t p = 0; p < ng; p++) {                                                     \
+                    int64_t i = nodes[p], ai = labels[i];                                              \
+                    const double *ei = e + i * k;                                                      \
+                    double d = deg[i];                                                                 \
+                    double vol_a_new = vol[ai] - d;                                                    \
+                    double loss = w_in[ai] / (vol[ai] + eps);                                          \
+                    if (vol_a_new > 0) loss -= (w_in[ai] - 2 * ei[ai]) / (vol_a_new + eps);            \
+                    /* All k gains first (a vectorizable loop), then the best other cluster. */           \
+                    for (int64_t c = 0; c < k; c++) {                                                  \
+                        double t = pw[c] * d;                                                          \
+                        t += ei[c];                                                                    \
+                        t += ei[c];                                                                    \
+                        gains[c] = t / (volp[c] + d);                                                  \
+                    }                                                                                  \
+                    gains[ai] = -INFINITY;                                                             \
+                    double gmax = gains[0];                                                            \
+                    int64_t gb = 0;                                                                    \
+                    for (int64_t c = 1; c < k; c++)                                                    \
+                        if (gains[c] > gmax) { gmax = gains[c]; gb = c; }                              \
+                    a[p] = ai;                                                                         \
+                    bb[p] = gb;                                                                        \
+                    best[p] = gmax - loss;                                                             \
+                    if (best[p] > 1e-12) cand[m++] = p;                                                \
+                }                                                                                      \
+                if (m == 0) break;                                                                     \
+                sort_desc(cand, tmp, m, best);                                                         \
+                /* Longest improving prefix of length m, m/2, ..., 1 (as _best_prefix). */            \
+                int64_t n_ends = 0;                                                                    \
+                for (int64_t s = m; s > 0; s /= 2) n_ends++;                                           \
+                int64_t *batch = NULL, nb = 0;                                                         \
+                int all_valid = 1;                                                                     \
+                memset(left, 0, (size_t)k * sizeof(int64_t));                                          \
+                for (int64_t t = 0; t < m; t++) left[a[cand[t]]] += 1;                                 \
+                for (int64_t c = 0; c < k; c++) if (left[c] >= counts[c]) all_valid = 0;               \
+                for (int64_t idx = 0; idx < n_ends && batch == NULL; idx++) {                          \
+                    int64_t size = m >> idx;                                                           \
+                    int valid = all_valid;                                                             \
+                    if (!valid) {                                                                      \
+                        memset(left, 0, (size_t)k * sizeof(int64_t));                                  \
+                        for (int64_t t = 0; t < size; t++) {                                           \
+                            left[a[cand[t]]] -= 1;                                                     \
+                            left[bb[cand[t]]] += 1;                                                    \
+                        }                                                                              \
+                        valid = 1;                                                                     \
+                        for (int64_t c = 0; c < k; c++) if (counts[c] + left[c] <= 0) valid = 0;       \
+                    }                                                                                  \
+                    if (valid) {                                                                       \
+                        totals_after(cand, size, nodes, a, bb, e, deg, k, w_in, vol, best_w, best_v,   \
+                                     s_out, s_in, v_out, v_in);                                        \
+                        if (ncut_from_totals(best_w, best_v, k, eps) < current - 1e-12) {              \
+                            batch = cand;                                                              \
+                            nb = size;                                                                 \
+                        }                                                                              \
+                        continue;                                                                      \
+                    }                                                                                  \
+                    /* Keep the moves that leave every cluster non-empty (_keep_nonempty). */        \
+                    for (int64_t c = 0; c < k; c++) left[c] = counts[c];                               \
+                    int64_t nk = 0;                                                                    \
+                    for (int64_t t = 0; t < size; t++) {                                               \
+                        int64_t p = cand[t];                                                           \
+                        if (left[a[p]] > 1) {                                                          \
+                            left[a[p]] -= 1;                                                           \
+                            left[bb[p]] += 1;                                                          \
+                            keep[nk++] = p;                                                            \
+                        }                                                                              \
+                    }                                                                                  \
+                    if (nk == 0) continue;                                                             \
+                    totals_after(keep, nk, nodes, a, bb, e, deg, k, w_in, vol, best_w, best_v,         \
+                                 s_out, s_in, v_out, v_in);                                            \
+                    if (ncut_from_totals(best_w, best_v, k, eps) < current - 1e-12) {                  \
+                        batch = keep;                                                                  \
+                        nb = nk;                                                                       \
+                    }                                                                                  \
+                }                                                                                      \
+                if (batch == NULL) break;                                                              \
+                totals_after(batch, nb, nodes, a, bb, e, deg, k, w_in, vol, new_w, new_vol,            \
+                             s_out, s_in, v_out, v_in);                                                \
+                memcpy(w_in, new_w, (size_t)k * sizeof(double));                                       \
+                memcpy(vol, new_vol, (size_t)k * sizeof(double));                                      \
+                current = ncut_from_totals(w_in, vol, k, eps);                                         \
+                /* Move the nodes; their neighbours' edge totals change by the moved weights. */      \
+                for (int64_t t = 0; t < nb; t++) {                                                     \
+                    int64_t p = batch[t], i = nodes[p], old = a[p], nw = bb[p];                        \
+                    int64_t l = layer_of[i], local = i - offsets[l];                                   \
+                    labels[i] = nw;                                                                    \
+                    counts[old] -= 1;                                                                  \
+                    counts[nw] += 1;                                                                   \
+                    for (int64_t bi = 0; bi < n_blocks; bi++) {                                        \
+                        const T *w = bdata[bi];                                                        \
+                        int64_t ns = sizes[bsrc[bi]];                                                  \
+                        if (bdst[bi] == l) { /* a row of the block: edges to the source layer */      \
+                            const T *row = w + local * ns;                                             \
+                            double *es = e + offsets[bsrc[bi]] * k;                                    \
+                            for (int64_t j = 0; j < ns; j++) {                                         \
+                                double v = (double)row[j];                                             \
+                                es[j * k + old] -= v;                                                  \
+                                es[j * k + nw] += v;                                                   \
+                            }                                                                          \
+                        }                                                                              \
+                        if (bsrc[bi] == l) { /* a column: edges to the destination layer */           \
+                            int64_t nd = sizes[bdst[bi]];                                              \
+                            double *ed = e + offsets[bdst[bi]] * k;                                    \
+                            for (int64_t r = 0; r < nd; r++) {                                         \
+                                double v = (double)w[r * ns + local];                                  \
+                                ed[r * k + old] -= v;                                                  \
+                                ed[r * k + nw] += v;                                                   \
+                            }                                                                          \
+                        }                                                                              \
+                    }                                                                                  \
+                }                                                                                      \
+                improved = 1;                                                                          \
+            }                                                                                          \
+        }                                                                                              \
+        if (!improved) break;                                                                          \
+    }                                                                                                  \
+    out_values[0] = current;                                                                           \
+done:                                                                                                  \
+    free(e); free(work); free(counts); free(left); free(nodes); free(layer_of);                        \
+    free(a); free(bb); free(best); free(cand); free(tmp); free(keep); free(quad);                                  \
+    return status;                                                                                     \
+}
+
+DEFINE_REFINE(tm_refine_dense_f32, float)
+DEFINE_REFINE(tm_refine_dense_f64, double)
