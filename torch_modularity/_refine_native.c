@@ -156,7 +156,7 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
                 for (int64_t c = 0; c < k; c++) {                                                      \
                     pw[c] = -(w_in[c] / (vol[c] + eps));                                               \
                     volp[c] = vol[c] + eps;                                                            \
-                }                                                                                      \                   \
+                }                                                                                      \
                 for (int64_t p = 0; p < ng; p++) {                                                     \
                     int64_t i = nodes[p], ai = labels[i];                                              \
                     const double *ei = e + i * k;                                                      \
