@@ -70,7 +70,7 @@ def test_refine_partition_keeps_every_cluster_and_matches_bruteforce_ncut(backen
 def test_native_refinement_kernel_is_built():
     # `pip install` compiles it (setup.py); without a C compiler the numpy version runs instead,
     # but the test environment is expected to have one, so a failed build does not go unnoticed.
-    assert native_available(), "torch_modularity/_refine_native.c was not built: reinstall with a C compiler"
+    assert native_available(), "torch_modularity/_kernels.c was not built: reinstall with a C compiler"
 
 
 def _skip_graph(seed):

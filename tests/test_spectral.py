@@ -268,7 +268,8 @@ def _inertia(x, labels):
     return sum(float(((x[labels == c] - x[labels == c].mean(axis=0)) ** 2).sum()) for c in np.unique(labels))
 
 
-def test_kmeans_recovers_separated_blobs_like_sklearn():
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_kmeans_recovers_separated_blobs_like_sklearn(backend):
     from sklearn.cluster import KMeans
 
     from torch_modularity.spectral import kmeans
@@ -277,13 +278,14 @@ def test_kmeans_recovers_separated_blobs_like_sklearn():
     centres = rng.normal(scale=10.0, size=(6, 4))
     truth = rng.integers(0, 6, 900)
     x = centres[truth] + rng.normal(size=(900, 4))
-    ours = kmeans(x, 6, 3, np.random.default_rng(1))
+    ours = kmeans(x, 6, 3, np.random.default_rng(1), backend=backend)
     ref = KMeans(6, n_init=3, random_state=1).fit(x).labels_
     assert adjusted_rand_score(truth, ref) == pytest.approx(1.0)
     assert adjusted_rand_score(truth, ours) == pytest.approx(1.0)
 
 
-def test_kmeans_inertia_like_sklearn_on_structureless_data():
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_kmeans_inertia_like_sklearn_on_structureless_data(backend):
     # No true clusters: both find local optima; ours (incrementally updated cluster sums,
     # GEMM assignment) must be as good on average and close on each draw.
     from sklearn.cluster import KMeans
@@ -293,7 +295,7 @@ def test_kmeans_inertia_like_sklearn_on_structureless_data():
     ours, ref = [], []
     for seed in range(6):
         x = np.random.default_rng(seed).standard_normal((1500, 12))
-        labels = kmeans(x, 12, 3, np.random.default_rng(seed))
+        labels = kmeans(x, 12, 3, np.random.default_rng(seed), backend=backend)
         assert np.bincount(labels, minlength=12).min() > 0
         ours.append(_inertia(x, labels))
         ref.append(KMeans(12, n_init=3, random_state=seed).fit(x).inertia_)
@@ -302,17 +304,52 @@ def test_kmeans_inertia_like_sklearn_on_structureless_data():
     assert ours.mean() <= 1.005 * ref.mean()
 
 
-def test_kmeans_is_a_fixed_point_of_lloyd():
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_kmeans_is_a_fixed_point_of_lloyd(backend):
     # The returned partition assigns every point to its nearest cluster mean (Lloyd converged),
     # i.e. the incremental sums did not drift from the true cluster means.
     from torch_modularity.spectral import kmeans
 
     x = np.random.default_rng(3).standard_normal((3000, 8))
     for change_tol, agree in ((0.0, 0.999), (1e-3, 0.995)):  # strict, and the default early stop
-        labels = kmeans(x, 10, 2, np.random.default_rng(0), change_tol=change_tol)
+        labels = kmeans(x, 10, 2, np.random.default_rng(0), change_tol=change_tol, backend=backend)
         means = np.stack([x[labels == c].mean(axis=0) for c in range(10)])
         nearest = ((x[:, None, :] - means[None]) ** 2).sum(axis=2).argmin(axis=1)
         assert np.mean(nearest == labels) > agree
+
+
+@pytest.mark.parametrize("n_init,change_tol", [(1, 1e-3), (3, 1e-3), (3, 0.03), (2, 0.0)])
+def test_native_and_numpy_kmeans_agree(n_init, change_tol):
+    # The C kernel draws the same random numbers and computes the same steps: on generic data
+    # (no ties) the labels are equal and the generator is left in the same state.
+    from torch_modularity.spectral import kmeans
+
+    for seed in range(3):
+        rng = np.random.default_rng(100 + seed)
+        centres = rng.normal(scale=3.0, size=(8, 6))
+        x = centres[rng.integers(0, 8, 700)] + rng.normal(size=(700, 6))
+        r_native, r_numpy = np.random.default_rng(seed), np.random.default_rng(seed)
+        a = kmeans(x, 9, n_init, r_native, change_tol=change_tol, backend="native")
+        b = kmeans(x, 9, n_init, r_numpy, change_tol=change_tol, backend="numpy")
+        np.testing.assert_array_equal(a, b)
+        assert r_native.bit_generator.state == r_numpy.bit_generator.state
+
+
+def test_native_kmeans_degenerate_seeding_falls_back_to_the_same_draws():
+    # Two distinct points (each repeated) and k = 3: after two centres every point sits on one,
+    # the k-means++ potential is zero and the numpy version draws a distinct point at random;
+    # the native path rewinds the generator and runs it, so both give the same labels.
+    from torch_modularity.spectral import kmeans
+
+    x = np.repeat(np.array([[0.0, 0.0], [1.0, 2.0]]), 20, axis=0)
+    r_native, r_numpy = np.random.default_rng(5), np.random.default_rng(5)
+    a = kmeans(x, 3, 2, r_native, backend="native")
+    b = kmeans(x, 3, 2, r_numpy, backend="numpy")
+    np.testing.assert_array_equal(a, b)
+    assert r_native.bit_generator.state == r_numpy.bit_generator.state
+    assert sorted(set(a.tolist())) == [0, 1, 2]
+    with pytest.raises(ValueError, match="backend"):
+        kmeans(x, 3, 2, np.random.default_rng(0), backend="fortran")
 
 
 def test_lloyd_reseeds_an_empty_cluster_and_keeps_its_sums_exact():

@@ -12,13 +12,12 @@ never worse than the start and always keeps every cluster non-empty.
 from __future__ import annotations
 
 import ctypes
-import functools
-import importlib.machinery
-from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
+
+from . import _native
 
 __all__ = ["refine_partition", "native_available"]
 
@@ -35,41 +34,15 @@ def one_hot(labels: np.ndarray, k: int, dtype=np.float64) -> np.ndarray:
     return h
 
 
-@functools.lru_cache(maxsize=1)
-def _native_lib() -> Optional[ctypes.CDLL]:
-    """The compiled kernel (``_refine_native.c``, built by ``pip install``), or ``None``.
-
-    Memoized: looked up once per process. Missing when the package was installed without a C
-    compiler; the numpy implementation below then runs (same algorithm, same moves).
-    """
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_refine_native{suffix}"
-        if not path.is_file():
-            continue
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError:
-            return None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        for name in ("tm_refine_dense_f32", "tm_refine_dense_f64"):
-            fn = getattr(lib, name)
-            fn.restype = ctypes.c_int
-            fn.argtypes = [i64, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, i64,
-                           ctypes.c_double, ptr]
-        return lib
-    return None
-
-
 def native_available() -> bool:
     """Whether the compiled refinement kernel is installed (else the numpy version runs)."""
-    return _native_lib() is not None
+    return _native.available()
 
 
 def _refine_native(sizes, blocks, groups, labels, k, deg, max_passes, inner_passes, eps):
     """:func:`refine_partition` by the C kernel: ``(labels, ncut, start)``, or ``None`` when the
     kernel is missing or the blocks are not all dense float32 / all dense float64."""
-    lib = _native_lib()
+    lib = _native.kernels()
     if lib is None or not blocks or any(sp.issparse(w) for _, _, w in blocks):
         return None
     dtype = np.dtype(blocks[0][2].dtype)

@@ -1,7 +1,12 @@
-/* Greedy n-cut refinement on dense weight blocks: the loop of refine.refine_partition in C.
+/* Compiled kernels of the clustering pipeline, loaded with ctypes (torch_modularity/_native.py).
  *
- * Plain C (no Python or numpy headers), loaded with ctypes; refine.py keeps the numpy version
- * as the reference and the fallback. The algorithm and its floating-point expressions follow
+ * Plain C (no Python or numpy headers). Each kernel reproduces a numpy implementation that
+ * stays in the package as the reference and the fallback (used when no C compiler was
+ * available at install time):
+ *   - tm_refine_dense_f32 / _f64: refine.refine_partition on dense blocks;
+ *   - tm_kmeans: spectral.kmeans (k-means++ seeding and Lloyd iterations).
+ *
+ * Greedy n-cut refinement on dense weight blocks: the loop of refine.refine_partition in C. The algorithm and its floating-point expressions follow
  * refine.py step by step (same gains, same stable candidate order, same halving prefixes), so
  * both choose the same moves up to rounding in the cluster totals. On a few thousand nodes the
  * numpy version spends its time in ~80 small array calls per batch of moves; here a batch
@@ -15,10 +20,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct {
-    const int64_t *order;   /* candidate positions (within the group), sorted by gain */
-    const double *key;      /* n-cut decrease per position */
-} sort_ctx;
+/* The arithmetic loops are compiled twice, for AVX2 and for the x86-64 baseline (SSE2), and
+ * the CPU picks at load time (GCC function multi-versioning). Vectorizing across independent
+ * points does not change any result: no reassociation, no fused multiply-add (setup.py). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define TM_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TM_VECTOR_CLONES
+#endif
 
 /* Stable merge sort of idx[0..m) by key descending (ties keep ascending position). */
 static void sort_desc(int64_t *idx, int64_t *tmp, int64_t m, const double *key) {
@@ -281,3 +290,258 @@ done:                                                                           
 
 DEFINE_REFINE(tm_refine_dense_f32, float)
 DEFINE_REFINE(tm_refine_dense_f64, double)
+
+/* ------------------------------------------------------------------------------------------ */
+/* k-means++ seeding and Lloyd iterations: spectral.kmeans in C.
+ *
+ * Same algorithm and expressions as spectral._kmeans_plusplus / spectral._lloyd (squared
+ * distances as |c|^2 - 2 x.c (+ |x|^2), the restarts' potentials in one running sum, the same
+ * stopping rules); the random numbers are drawn by the caller (numpy's Generator) and passed
+ * in, so a seed gives the same centres as the numpy version up to rounding.
+ * x is (n, d) C-contiguous float64.
+ */
+
+/* out[i * k + c] = |c_c|^2 - 2 x_i . c_c for every point and centre (centres (k, d)). */
+TM_VECTOR_CLONES static void distances_less_norms(int64_t n, int64_t d, int64_t k, const double *x, const double *centres,
+                                 double *ct, double *c2, double *out) {
+    for (int64_t c = 0; c < k; c++) {
+        double s = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            ct[j * k + c] = -2.0 * centres[c * d + j];
+            s += centres[c * d + j] * centres[c * d + j];
+        }
+        c2[c] = s;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        double *o = out + i * k;
+        const double *xi = x + i * d;
+        for (int64_t c = 0; c < k; c++) o[c] = 0.0;
+        for (int64_t j = 0; j < d; j++) {
+            const double v = xi[j], *row = ct + j * k;
+            for (int64_t c = 0; c < k; c++) o[c] += v * row[c];
+        }
+        for (int64_t c = 0; c < k; c++) o[c] += c2[c];
+    }
+}
+
+static int64_t argmin_row(const double *row, int64_t k) {
+    int64_t b = 0;
+    for (int64_t c = 1; c < k; c++)
+        if (row[c] < row[b]) b = c;
+    return b;
+}
+
+/* Squared distances of every point to point p, clamped at 0 (as _kmeans_plusplus's sq_dist:
+ * -2 x_p . x_i + |x_p|^2 + |x_i|^2). xt2 is -2 x^T, (d, n): the loop runs across points,
+ * independent and vectorizable, with the same order of additions per point. */
+TM_VECTOR_CLONES static void sq_dist_to(int64_t n, int64_t d, const double *x, const double *xt2, const double *sq_norms,
+                       int64_t p, double *out) {
+    const double *xp = x + p * d;
+    for (int64_t i = 0; i < n; i++) out[i] = 0.0;
+    for (int64_t j = 0; j < d; j++) {
+        const double v = xp[j], *col = xt2 + j * n;
+        for (int64_t i = 0; i < n; i++) out[i] += v * col[i];
+    }
+    const double sp = sq_norms[p];
+    for (int64_t i = 0; i < n; i++) {
+        double s = out[i] + sp;
+        s += sq_norms[i];
+        out[i] = s > 0.0 ? s : 0.0;
+    }
+}
+
+/* Returns 1 when a restart's potential is all zero (every point on a centre): the caller
+ * then runs the numpy version, which draws a distinct point at random. */
+static int kmeans_plusplus(int64_t n, int64_t d, const double *x, const double *xt2, const double *sq_norms, int64_t k,
+                           int64_t n_seeds, int64_t trials, const int64_t *first, const double *uniforms,
+                           int64_t *centres, double *closest, double *cum, double *dist, double *total) {
+    for (int64_t r = 0; r < n_seeds; r++) {
+        centres[r * k] = first[r];
+        sq_dist_to(n, d, x, xt2, sq_norms, first[r], closest + r * n);
+    }
+    for (int64_t c = 1; c < k; c++) {
+        double run = 0.0;
+        for (int64_t t = 0; t < n_seeds * n; t++) {
+            run += closest[t];
+            cum[t] = run;
+        }
+        for (int64_t r = 0; r < n_seeds; r++) {
+            double s = 0.0;
+            for (int64_t i = 0; i < n; i++) s += closest[r * n + i];
+            total[r] = s;
+            if (!(s > 0.0)) return 1;
+        }
+        for (int64_t r = 0; r < n_seeds; r++) {
+            double best_pot = INFINITY;
+            int64_t best_cand = 0;
+            double *best_row = NULL;
+            for (int64_t t = 0; t < trials; t++) {
+                double draw = uniforms[((c - 1) * n_seeds + r) * trials + t] * total[r];
+                draw += cum[r * n + n - 1] - total[r];
+                /* searchsorted(cum, draw, side="left") over all restarts, then this restart's index */
+                int64_t lo = 0, hi = n_seeds * n;
+                while (lo < hi) {
+                    int64_t mid = lo + (hi - lo) / 2;
+                    if (cum[mid] < draw) lo = mid + 1;
+                    else hi = mid;
+                }
+                int64_t cand = lo - r * n;
+                if (cand < 0) cand = 0;
+                if (cand > n - 1) cand = n - 1;
+                double *row = dist + t * n;
+                sq_dist_to(n, d, x, xt2, sq_norms, cand, row);
+                double pot = 0.0;
+                for (int64_t i = 0; i < n; i++) {
+                    double m = closest[r * n + i];
+                    if (row[i] > m) row[i] = m;
+                    pot += row[i];
+                }
+                if (pot < best_pot) {
+                    best_pot = pot;
+                    best_cand = cand;
+                    best_row = row;
+                }
+            }
+            centres[r * k + c] = best_cand;
+            memcpy(closest + r * n, best_row, (size_t)n * sizeof(double));
+        }
+    }
+    return 0;
+}
+
+/* One restart of Lloyd from centres (k, d), as spectral._lloyd; fills labels, dist (n, k:
+ * squared distances) and returns the inertia. */
+static double lloyd(int64_t n, int64_t d, int64_t k, const double *x, const double *sq_norms, double *centres,
+                    int64_t max_iter, double tol, int64_t min_changes, int64_t *labels, int64_t *new_labels,
+                    double *dist, double *sums, int64_t *counts, double *ct, double *c2, double *fresh) {
+    int have_labels = 0;
+    for (int64_t it = 0; it < max_iter; it++) {
+        distances_less_norms(n, d, k, x, centres, ct, c2, dist);
+        int64_t moved = 0;
+        for (int64_t i = 0; i < n; i++) {
+            new_labels[i] = argmin_row(dist + i * k, k);
+            if (have_labels && new_labels[i] != labels[i]) moved++;
+        }
+        if (have_labels && moved <= min_changes) break;
+        if (!have_labels || moved > n / 8) {
+            memset(sums, 0, (size_t)(k * d) * sizeof(double));
+            memset(counts, 0, (size_t)k * sizeof(int64_t));
+            for (int64_t i = 0; i < n; i++) {
+                double *s = sums + new_labels[i] * d;
+                for (int64_t j = 0; j < d; j++) s[j] += x[i * d + j];
+                counts[new_labels[i]]++;
+            }
+        } else {
+            for (int64_t i = 0; i < n; i++) {
+                int64_t a = labels[i], b = new_labels[i];
+                if (a == b) continue;
+                for (int64_t j = 0; j < d; j++) {
+                    sums[a * d + j] -= x[i * d + j];
+                    sums[b * d + j] += x[i * d + j];
+                }
+                counts[a]--;
+                counts[b]++;
+            }
+        }
+        memcpy(labels, new_labels, (size_t)n * sizeof(int64_t));
+        have_labels = 1;
+        int64_t n_empty = 0;
+        for (int64_t c = 0; c < k; c++) n_empty += counts[c] == 0;
+        if (n_empty) {
+            /* Re-seed empty clusters with the points farthest from their centres (never the
+             * last point of a cluster). */
+            for (int64_t i = 0; i < n; i++) {
+                fresh[i] = dist[i * k + labels[i]] + sq_norms[i];
+            }
+            for (int64_t c = 0; c < k; c++) {
+                if (counts[c] != 0) continue;
+                int64_t far = -1;
+                for (int64_t i = 0; i < n; i++)
+                    if (counts[labels[i]] > 1 && (far < 0 || fresh[i] > fresh[far])) far = i;
+                if (far < 0) break;
+                int64_t a = labels[far];
+                for (int64_t j = 0; j < d; j++) {
+                    sums[a * d + j] -= x[far * d + j];
+                    sums[c * d + j] = x[far * d + j];
+                }
+                counts[a]--;
+                counts[c] = 1;
+                labels[far] = c;
+                fresh[far] = -INFINITY;
+            }
+        }
+        double step = 0.0;
+        for (int64_t c = 0; c < k; c++) {
+            for (int64_t j = 0; j < d; j++) {
+                double v = counts[c] > 0 ? sums[c * d + j] / (double)counts[c] : centres[c * d + j];
+                double dv = v - centres[c * d + j];
+                step += dv * dv;
+                centres[c * d + j] = v;
+            }
+        }
+        if (step <= tol) break;
+    }
+    distances_less_norms(n, d, k, x, centres, ct, c2, dist);
+    double inertia = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        double *row = dist + i * k;
+        for (int64_t c = 0; c < k; c++) row[c] += sq_norms[i];
+        labels[i] = argmin_row(row, k);
+        double v = row[labels[i]];
+        inertia += v > 0.0 ? v : 0.0;
+    }
+    return inertia;
+}
+
+/* k-means++ with n_seeds restarts, Lloyd from each, the restart of lowest inertia kept:
+ * labels (n) and squared distances dist (n, k) of that restart. Returns 0, 1 (degenerate
+ * seeding: use the numpy version) or -1 (out of memory). */
+int tm_kmeans(int64_t n, int64_t d, const double *x, const double *sq_norms, int64_t k, int64_t n_seeds,
+              int64_t trials, const int64_t *first, const double *uniforms, int64_t max_iter, double tol,
+              int64_t min_changes, int64_t *labels_out, double *dist_out, double *inertia_out) {
+    int status = 0;
+    int64_t *centre_idx = malloc((size_t)(n_seeds * k) * sizeof(int64_t));
+    double *closest = malloc((size_t)(n_seeds * n) * sizeof(double));
+    double *cum = malloc((size_t)(n_seeds * n) * sizeof(double));
+    double *tdist = malloc((size_t)(trials * n + n * k) * sizeof(double));
+    double *xt2 = malloc((size_t)(n * d) * sizeof(double));
+    double *total = malloc((size_t)n_seeds * sizeof(double));
+    double *centres = malloc((size_t)(k * d) * sizeof(double));
+    double *sums = malloc((size_t)(k * d) * sizeof(double));
+    double *ct = malloc((size_t)(k * d) * sizeof(double));
+    double *c2 = malloc((size_t)k * sizeof(double));
+    double *fresh = malloc((size_t)n * sizeof(double));
+    double *dist = malloc((size_t)(n * k) * sizeof(double));
+    int64_t *counts = malloc((size_t)k * sizeof(int64_t));
+    int64_t *labels = malloc((size_t)n * sizeof(int64_t));
+    int64_t *new_labels = malloc((size_t)n * sizeof(int64_t));
+    if (!centre_idx || !closest || !cum || !tdist || !xt2 || !total || !centres || !sums || !ct || !c2 || !fresh ||
+        !dist || !counts || !labels || !new_labels) {
+        status = -1;
+        goto done;
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < d; j++) xt2[j * n + i] = -2.0 * x[i * d + j];
+    if (kmeans_plusplus(n, d, x, xt2, sq_norms, k, n_seeds, trials, first, uniforms, centre_idx, closest, cum, tdist,
+                        total)) {
+        status = 1;
+        goto done;
+    }
+    double best = INFINITY;
+    for (int64_t r = 0; r < n_seeds; r++) {
+        for (int64_t c = 0; c < k; c++)
+            memcpy(centres + c * d, x + centre_idx[r * k + c] * d, (size_t)d * sizeof(double));
+        double inertia = lloyd(n, d, k, x, sq_norms, centres, max_iter, tol, min_changes, labels, new_labels,
+                               dist, sums, counts, ct, c2, fresh);
+        if (r == 0 || inertia < best) {
+            best = inertia;
+            memcpy(labels_out, labels, (size_t)n * sizeof(int64_t));
+            memcpy(dist_out, dist, (size_t)(n * k) * sizeof(double));
+        }
+    }
+    *inertia_out = best;
+done:
+    free(centre_idx); free(closest); free(cum); free(tdist); free(xt2); free(total); free(centres); free(sums); free(ct);
+    free(c2); free(fresh); free(dist); free(counts); free(labels); free(new_labels);
+    return status;
+}
