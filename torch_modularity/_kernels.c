@@ -45,6 +45,19 @@ static void sort_desc(int64_t *idx, int64_t *tmp, int64_t m, const double *key) 
     memcpy(idx, tmp, (size_t)m * sizeof(int64_t));
 }
 
+/* Merge sort of idx[0..m) ascending. */
+static void sort_asc(int64_t *idx, int64_t *tmp, int64_t m) {
+    if (m < 2) return;
+    int64_t h = m / 2;
+    sort_asc(idx, tmp, h);
+    sort_asc(idx + h, tmp, m - h);
+    int64_t i = 0, j = h, o = 0;
+    while (i < h && j < m) tmp[o++] = idx[j] < idx[i] ? idx[j++] : idx[i++];
+    while (i < h) tmp[o++] = idx[i++];
+    while (j < m) tmp[o++] = idx[j++];
+    memcpy(idx, tmp, (size_t)m * sizeof(int64_t));
+}
+
 static double ncut_from_totals(const double *w_in, const double *vol, int64_t k, double eps) {
     double s = 0.0;
     for (int64_t c = 0; c < k; c++) {
@@ -96,8 +109,10 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
     int64_t *tmp = malloc((size_t)(n + 1) * sizeof(int64_t));                                          \
     int64_t *keep = malloc((size_t)(n + 1) * sizeof(int64_t));                                         \
     double *quad = malloc((size_t)(4 * k) * sizeof(double));                                          \
+    int64_t *col_local = malloc((size_t)(3 * (n + 1)) * sizeof(int64_t));                              \
+    int64_t *col_old = col_local + (n + 1), *col_new = col_local + 2 * (n + 1);                        \
     if (!e || !work || !counts || !left || !nodes || !layer_of || !a || !bb || !best || !cand ||        \
-        !tmp || !keep || !quad) {                                                                               \
+        !tmp || !keep || !quad || !col_local) {                                                                               \
         status = -1;                                                                                   \
         goto done;                                                                                     \
     }                                                                                                  \
@@ -246,36 +261,52 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
                 memcpy(w_in, new_w, (size_t)k * sizeof(double));                                       \
                 memcpy(vol, new_vol, (size_t)k * sizeof(double));                                      \
                 current = ncut_from_totals(w_in, vol, k, eps);                                         \
-                /* Move the nodes; their neighbours' edge totals change by the moved weights. */      \
-                for (int64_t t = 0; t < nb; t++) {                                                     \
-                    int64_t p = batch[t], i = nodes[p], old = a[p], nw = bb[p];                        \
-                    int64_t l = layer_of[i], local = i - offsets[l];                                   \
-                    labels[i] = nw;                                                                    \
-                    counts[old] -= 1;                                                                  \
-                    counts[nw] += 1;                                                                   \
-                    for (int64_t bi = 0; bi < n_blocks; bi++) {                                        \
-                        const T *w = bdata[bi];                                                        \
-                        int64_t ns = sizes[bsrc[bi]];                                                  \
-                        if (bdst[bi] == l) { /* a row of the block: edges to the source layer */      \
-                            const T *row = w + local * ns;                                             \
-                            double *es = e + offsets[bsrc[bi]] * k;                                    \
-                            for (int64_t j = 0; j < ns; j++) {                                         \
-                                double v = (double)row[j];                                             \
-                                es[j * k + old] -= v;                                                  \
-                                es[j * k + nw] += v;                                                   \
-                            }                                                                          \
-                        }                                                                              \
-                        if (bsrc[bi] == l) { /* a column: edges to the destination layer */           \
-                            int64_t nd = sizes[bdst[bi]];                                              \
-                            double *ed = e + offsets[bdst[bi]] * k;                                    \
-                            for (int64_t r = 0; r < nd; r++) {                                         \
-                                double v = (double)w[r * ns + local];                                  \
-                                ed[r * k + old] -= v;                                                  \
-                                ed[r * k + nw] += v;                                                   \
-                            }                                                                          \
-                        }                                                                              \
-                    }                                                                                  \
-                }                                                                                      \
+                /* Move the nodes; their neighbours' edge totals change by the moved weights.           \
+                 * Moved destinations are rows of a block (contiguous); moved sources are               \
+                 * columns, updated row by row over the block for all of them at once (in               \
+                 * ascending order), so each cache line of the block is read at most once. */           \
+                memcpy(tmp, batch, (size_t)nb * sizeof(int64_t));                                       \
+                sort_asc(tmp, keep == batch ? cand : keep, nb);                                         \
+                for (int64_t t = 0; t < nb; t++) {                                                      \
+                    int64_t p = tmp[t], i = nodes[p];                                                   \
+                    labels[i] = bb[p];                                                                  \
+                    counts[a[p]] -= 1;                                                                  \
+                    counts[bb[p]] += 1;                                                                 \
+                }                                                                                       \
+                for (int64_t bi = 0; bi < n_blocks; bi++) {                                             \
+                    const T *w = bdata[bi];                                                             \
+                    int64_t ns = sizes[bsrc[bi]], nd = sizes[bdst[bi]];                                 \
+                    int64_t n_cols = 0;                                                                 \
+                    for (int64_t t = 0; t < nb; t++) {                                                  \
+                        int64_t p = tmp[t], i = nodes[p], l = layer_of[i], old = a[p], nw = bb[p];      \
+                        if (l == bdst[bi]) { /* a row: edges to the source layer */                     \
+                            const T *row = w + (i - offsets[l]) * ns;                                   \
+                            double *es = e + offsets[bsrc[bi]] * k;                                     \
+                            for (int64_t j = 0; j < ns; j++) {                                          \
+                                double v = (double)row[j];                                              \
+                                es[j * k + old] -= v;                                                   \
+                                es[j * k + nw] += v;                                                    \
+                            }                                                                           \
+                        }                                                                               \
+                        if (l == bsrc[bi]) {                                                            \
+                            col_local[n_cols] = i - offsets[l];                                         \
+                            col_old[n_cols] = old;                                                      \
+                            col_new[n_cols] = nw;                                                       \
+                            n_cols++;                                                                   \
+                        }                                                                               \
+                    }                                                                                   \
+                    if (n_cols == 0) continue;                                                          \
+                    double *ed = e + offsets[bdst[bi]] * k;                                             \
+                    for (int64_t r = 0; r < nd; r++) {                                                  \
+                        const T *row = w + r * ns;                                                      \
+                        double *er = ed + r * k;                                                        \
+                        for (int64_t t = 0; t < n_cols; t++) {                                          \
+                            double v = (double)row[col_local[t]];                                       \
+                            er[col_old[t]] -= v;                                                        \
+                            er[col_new[t]] += v;                                                        \
+                        }                                                                               \
+                    }                                                                                   \
+                }                                                                                       \
                 improved = 1;                                                                          \
             }                                                                                          \
         }                                                                                              \
@@ -284,7 +315,7 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
     out_values[0] = current;                                                                           \
 done:                                                                                                  \
     free(e); free(work); free(counts); free(left); free(nodes); free(layer_of);                        \
-    free(a); free(bb); free(best); free(cand); free(tmp); free(keep); free(quad);                                  \
+    free(a); free(bb); free(best); free(cand); free(tmp); free(keep); free(quad); free(col_local);                                  \
     return status;                                                                                     \
 }
 

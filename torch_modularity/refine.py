@@ -169,12 +169,21 @@ def refine_partition(
             change = change_all[:, sel]
             for w, there, is_src in touching[here]:
                 target = e[:, layer_slice(there)]
+                many = local.size * _GATHER_RATIO >= w.shape[1]
                 if sp.issparse(w):
-                    # Sparse block on the left (a dense @ CSR product gives np.matrix).
-                    target += (w[local, :].T @ change.T).T if not is_src else (w[:, local] @ change.T).T
+                    # Sparse block on the left (a dense @ CSR product gives np.matrix); CSR
+                    # column slicing is slow, so many moved sources take one full product.
+                    if not is_src:
+                        target += (w[local, :].T @ change.T).T
+                    elif many:
+                        full = np.zeros((w.shape[1], k), dtype=dtype)
+                        full[local] = change.T
+                        target += (w @ full).T
+                    else:
+                        target += (w[:, local] @ change.T).T
                 elif not is_src:  # moved nodes are destinations: e[:, src] += change @ W[local, :] (row gather)
                     target += change @ w[local, :]
-                elif local.size * _GATHER_RATIO >= w.shape[1]:
+                elif many:
                     # Moved sources: a column gather touches a cache line per entry; for more
                     # than 1/16 of the columns one streaming product with the (mostly zero)
                     # change matrix is faster.
