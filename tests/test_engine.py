@@ -127,6 +127,27 @@ def test_native_refinement_takes_dense_blocks_only():
         refine_partition(graph.layer_sizes, blocks, [[0, 2], [1]], labels, 5, graph.degrees(), backend="c")
 
 
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_refine_partition_rejects_inconsistent_inputs(backend):
+    # The C kernel indexes with these without checks: bad ones must fail in Python, clearly.
+    graph = _pruned_mlp([20, 30, 10], 1.0, 16)
+    blocks, deg = graph.numpy_blocks(np.float64), graph.degrees()
+    labels = np.arange(graph.num_nodes) % 4
+    sizes = graph.layer_sizes
+    with pytest.raises(ValueError, match="0..3"):
+        refine_partition(sizes, blocks, [[0, 2], [1]], np.where(labels == 3, 4, labels), 4, deg, backend=backend)
+    with pytest.raises(ValueError, match="0..3"):
+        refine_partition(sizes, blocks, [[0, 2], [1]], labels - 1, 4, deg, backend=backend)
+    with pytest.raises(ValueError, match="one entry per node"):
+        refine_partition(sizes, blocks, [[0, 2], [1]], labels[:-1], 4, deg, backend=backend)
+    with pytest.raises(ValueError, match="shape"):
+        refine_partition(sizes, [(0, 1, blocks[0][2].T), blocks[1]], [[0, 2], [1]], labels, 4, deg, backend=backend)
+    with pytest.raises(ValueError, match="outside"):
+        refine_partition(sizes, [(0, 3, blocks[0][2])], [[0, 2], [1]], labels, 4, deg, backend=backend)
+    with pytest.raises(ValueError, match="distinct layers"):
+        refine_partition(sizes, blocks, [[0, 2], [1, 2]], labels, 4, deg, backend=backend)
+
+
 def test_sparse_and_dense_blocks_agree():
     dense = _pruned_mlp([200, 300, 300, 10], 0.2, 4)
     csr = _as_csr_graph(dense)

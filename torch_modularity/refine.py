@@ -70,6 +70,25 @@ def _refine_native(sizes, blocks, groups, labels, k, deg, max_passes, inner_pass
     return out_labels, float(values[0]), float(values[1])
 
 
+def _check_inputs(sizes, blocks, groups, labels, k: int, n: int) -> None:
+    """Reject inputs that would index outside the arrays (the C kernel trusts them)."""
+    n_layers = len(sizes)
+    for src, dst, w in blocks:
+        if not (0 <= src < n_layers and 0 <= dst < n_layers):
+            raise ValueError(f"block ({src}, {dst}) names a layer outside 0..{n_layers - 1}")
+        if tuple(w.shape) != (sizes[dst], sizes[src]):
+            raise ValueError(f"block ({src}, {dst}) has shape {tuple(w.shape)}, expected "
+                             f"(sizes[{dst}], sizes[{src}]) = ({sizes[dst]}, {sizes[src]})")
+    layers = [l for g in groups for l in g]
+    if any(not 0 <= l < n_layers for l in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"groups must name distinct layers in 0..{n_layers - 1}, got {[list(g) for g in groups]}")
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have one entry per node ({n}), got shape {labels.shape}")
+    if k < 1 or labels.size and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"labels must lie in 0..{k - 1} (k = {k})")
+
+
 def _ncut_from_totals(w_in: np.ndarray, vol: np.ndarray, eps: float) -> float:
     return float(np.sum(np.maximum(vol - w_in, 0.0) / (vol + eps)))
 
@@ -110,6 +129,7 @@ def refine_partition(
     deg_in = np.asarray(degrees, dtype=np.float64)
     if deg_in.shape != (n,):
         raise ValueError(f"degrees must have one entry per node ({n})")
+    _check_inputs(sizes, blocks, groups, labels, k, n)
     if backend != "numpy":
         out = _refine_native(sizes, blocks, groups, labels, k, deg_in, max_passes, inner_passes, eps)
         if out is not None:
