@@ -114,6 +114,20 @@ def test_native_and_numpy_refinement_make_the_same_moves(case):
     assert np.bincount(native[0], minlength=k).min() >= 1
 
 
+def test_pipeline_without_the_compiled_kernels_gives_the_same_partition(monkeypatch):
+    # An install without a C compiler runs the numpy versions: same labels, same n-cut.
+    from torch_modularity import _native
+
+    graph = _pruned_mlp([80, 60, 60, 10], 1.0, 17)
+    with_kernels = clusterability(graph, n_clusters=6, n_shuffles=3, n_workers=1, seed=2)
+    monkeypatch.setattr(_native, "kernels", lambda: None)
+    assert not native_available()
+    without = clusterability(graph, n_clusters=6, n_shuffles=3, n_workers=1, seed=2)
+    np.testing.assert_array_equal(with_kernels.labels, without.labels)
+    assert with_kernels.ncut == pytest.approx(without.ncut, rel=1e-9)
+    np.testing.assert_allclose(with_kernels.shuffled_ncuts, without.shuffled_ncuts, rtol=1e-9)
+
+
 def test_native_refinement_takes_dense_blocks_only():
     graph = _pruned_mlp([40, 50, 10], 0.3, 15)
     blocks = [(s, d, sp.csr_matrix(w) if s == 0 else w) for s, d, w in graph.numpy_blocks(np.float64)]
