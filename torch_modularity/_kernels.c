@@ -89,6 +89,16 @@ static void totals_after(const int64_t *batch, int64_t m, const int64_t *nodes, 
     }
 }
 
+/* Whether moving batch[0..m) gives an n-cut below current (scratch: 6 k doubles). */
+static int lowers_ncut(const int64_t *batch, int64_t m, const int64_t *nodes, const int64_t *a, const int64_t *b,
+                       const double *e, const double *deg, int64_t k, const double *w_in, const double *vol,
+                       double *scratch, double current, double eps) {
+    double *new_w = scratch, *new_vol = scratch + k;
+    totals_after(batch, m, nodes, a, b, e, deg, k, w_in, vol, new_w, new_vol, scratch + 2 * k, scratch + 3 * k,
+                 scratch + 4 * k, scratch + 5 * k);
+    return ncut_from_totals(new_w, new_vol, k, eps) < current - 1e-12;
+}
+
 #define DEFINE_REFINE(NAME, T)                                                                          \
 int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t n_blocks,            \
          const int64_t *bsrc, const int64_t *bdst, const T *const *bdata, int64_t n_groups,            \
@@ -97,7 +107,7 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
     int64_t n = offsets[n_layers];                                                                     \
     int status = 0;                                                                                    \
     double *e = calloc((size_t)(n * k), sizeof(double));                                               \
-    double *work = malloc((size_t)(14 * k + 8) * sizeof(double));                                      \
+    double *work = malloc((size_t)(17 * k + 8) * sizeof(double));                                      \
     int64_t *counts = calloc((size_t)k, sizeof(int64_t));                                              \
     int64_t *left = malloc((size_t)k * sizeof(int64_t));                                               \
     int64_t *nodes = malloc((size_t)(n + 1) * sizeof(int64_t));                                        \
@@ -118,8 +128,7 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
     }                                                                                                  \
     double *w_in = work, *vol = work + k, *new_w = work + 2 * k, *new_vol = work + 3 * k;              \
     double *s_out = work + 4 * k, *s_in = work + 5 * k, *v_out = work + 6 * k, *v_in = work + 7 * k;   \
-    double *pw = work + 8 * k, *volp = work + 9 * k, *best_w = work + 10 * k, *best_v = work + 11 * k;        \
-    double *gains = work + 12 * k;   \
+    double *pw = work + 8 * k, *volp = work + 9 * k, *gains = work + 10 * k, *scratch = work + 11 * k;  \
     for (int64_t l = 0; l < n_layers; l++)                                                             \
         for (int64_t i = offsets[l]; i < offsets[l + 1]; i++) layer_of[i] = l;                         \
     /* Edge weight of every node to every cluster: one pass over each block. A row's weights   \
@@ -227,15 +236,14 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
                         valid = 1;                                                                     \
                         for (int64_t c = 0; c < k; c++) if (counts[c] + left[c] <= 0) valid = 0;       \
                     }                                                                                  \
-                    if (valid) {                                                                       \
-                        totals_after(cand, size, nodes, a, bb, e, deg, k, w_in, vol, best_w, best_v,   \
-                                     s_out, s_in, v_out, v_in);                                        \
-                        if (ncut_from_totals(best_w, best_v, k, eps) < current - 1e-12) {              \
-                            batch = cand;                                                              \
-                            nb = size;                                                                 \
-                        }                                                                              \
-                        continue;                                                                      \
-                    }                                                                                  \
+                    if (valid) {                                                                        \
+                        if (lowers_ncut(cand, size, nodes, a, bb, e, deg, k, w_in, vol, scratch,        \
+                                        current, eps)) {                                                \
+                            batch = cand;                                                               \
+                            nb = size;                                                                  \
+                        }                                                                               \
+                        continue;                                                                       \
+                    }                                                                                   \
                     /* Keep the moves that leave every cluster non-empty (_keep_nonempty). */        \
                     for (int64_t c = 0; c < k; c++) left[c] = counts[c];                               \
                     int64_t nk = 0;                                                                    \
@@ -247,13 +255,11 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
                             keep[nk++] = p;                                                            \
                         }                                                                              \
                     }                                                                                  \
-                    if (nk == 0) continue;                                                             \
-                    totals_after(keep, nk, nodes, a, bb, e, deg, k, w_in, vol, best_w, best_v,         \
-                                 s_out, s_in, v_out, v_in);                                            \
-                    if (ncut_from_totals(best_w, best_v, k, eps) < current - 1e-12) {                  \
-                        batch = keep;                                                                  \
-                        nb = nk;                                                                       \
-                    }                                                                                  \
+                    if (nk > 0 && lowers_ncut(keep, nk, nodes, a, bb, e, deg, k, w_in, vol, scratch,    \
+                                              current, eps)) {                                          \
+                        batch = keep;                                                                   \
+                        nb = nk;                                                                        \
+                    }                                                                                   \
                 }                                                                                      \
                 if (batch == NULL) break;                                                              \
                 totals_after(batch, nb, nodes, a, bb, e, deg, k, w_in, vol, new_w, new_vol,            \
