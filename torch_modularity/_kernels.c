@@ -6,11 +6,11 @@
  *   - tm_refine_dense_f32 / _f64: refine.refine_partition on dense blocks;
  *   - tm_kmeans: spectral.kmeans (k-means++ seeding and Lloyd iterations).
  *
- * Greedy n-cut refinement on dense weight blocks: the loop of refine.refine_partition in C. The algorithm and its floating-point expressions follow
- * refine.py step by step (same gains, same stable candidate order, same halving prefixes), so
- * both choose the same moves up to rounding in the cluster totals. On a few thousand nodes the
- * numpy version spends its time in ~80 small array calls per batch of moves; here a batch
- * costs a pass over the group's nodes and the moved nodes' weight rows and columns.
+ * Refinement: the algorithm and its floating-point expressions follow refine.py step by step
+ * (same gains, same stable candidate order, same halving prefixes), so both choose the same
+ * moves up to rounding in the cluster totals. On a few thousand nodes the numpy version spends
+ * its time in ~80 small array calls per batch of moves; here a batch costs a pass over the
+ * group's nodes and the moved nodes' weight rows and columns.
  *
  * Layout: labels and degrees in node order; e[i * k + c] is node i's edge weight to cluster c;
  * every block is a C-contiguous (n_dst, n_src) array of |W| (float or double).
@@ -122,7 +122,7 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
     int64_t *col_local = malloc((size_t)(3 * (n + 1)) * sizeof(int64_t));                              \
     int64_t *col_old = col_local + (n + 1), *col_new = col_local + 2 * (n + 1);                        \
     if (!e || !work || !counts || !left || !nodes || !layer_of || !a || !bb || !best || !cand ||        \
-        !tmp || !keep || !quad || !col_local) {                                                                               \
+        !tmp || !keep || !quad || !col_local) {                                                         \
         status = -1;                                                                                   \
         goto done;                                                                                     \
     }                                                                                                  \
@@ -197,7 +197,7 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
                     double vol_a_new = vol[ai] - d;                                                    \
                     double loss = w_in[ai] / (vol[ai] + eps);                                          \
                     if (vol_a_new > 0) loss -= (w_in[ai] - 2 * ei[ai]) / (vol_a_new + eps);            \
-                    /* All k gains first (a vectorizable loop), then the best other cluster. */           \
+                    /* All k gains first (a vectorizable loop), then the best other cluster. */         \
                     for (int64_t c = 0; c < k; c++) {                                                  \
                         double t = pw[c] * d;                                                          \
                         t += ei[c];                                                                    \
@@ -321,7 +321,7 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
     out_values[0] = current;                                                                           \
 done:                                                                                                  \
     free(e); free(work); free(counts); free(left); free(nodes); free(layer_of);                        \
-    free(a); free(bb); free(best); free(cand); free(tmp); free(keep); free(quad); free(col_local);                                  \
+    free(a); free(bb); free(best); free(cand); free(tmp); free(keep); free(quad); free(col_local);      \
     return status;                                                                                     \
 }
 
@@ -339,8 +339,8 @@ DEFINE_REFINE(tm_refine_dense_f64, double)
  */
 
 /* out[i * k + c] = |c_c|^2 - 2 x_i . c_c for every point and centre (centres (k, d)). */
-TM_VECTOR_CLONES static void distances_less_norms(int64_t n, int64_t d, int64_t k, const double *x, const double *centres,
-                                 double *ct, double *c2, double *out) {
+TM_VECTOR_CLONES static void distances_less_norms(int64_t n, int64_t d, int64_t k, const double *x,
+                                                  const double *centres, double *ct, double *c2, double *out) {
     for (int64_t c = 0; c < k; c++) {
         double s = 0.0;
         for (int64_t j = 0; j < d; j++) {
@@ -371,8 +371,8 @@ static int64_t argmin_row(const double *row, int64_t k) {
 /* Squared distances of every point to point p, clamped at 0 (as _kmeans_plusplus's sq_dist:
  * -2 x_p . x_i + |x_p|^2 + |x_i|^2). xt2 is -2 x^T, (d, n): the loop runs across points,
  * independent and vectorizable, with the same order of additions per point. */
-TM_VECTOR_CLONES static void sq_dist_to(int64_t n, int64_t d, const double *x, const double *xt2, const double *sq_norms,
-                       int64_t p, double *out) {
+TM_VECTOR_CLONES static void sq_dist_to(int64_t n, int64_t d, const double *x, const double *xt2,
+                                        const double *sq_norms, int64_t p, double *out) {
     const double *xp = x + p * d;
     for (int64_t i = 0; i < n; i++) out[i] = 0.0;
     for (int64_t j = 0; j < d; j++) {
@@ -578,7 +578,8 @@ int tm_kmeans(int64_t n, int64_t d, const double *x, const double *sq_norms, int
     }
     *inertia_out = best;
 done:
-    free(centre_idx); free(closest); free(cum); free(tdist); free(xt2); free(total); free(centres); free(sums); free(ct);
+    free(centre_idx); free(closest); free(cum); free(tdist); free(xt2); free(total); free(centres); free(sums);
+    free(ct);
     free(c2); free(fresh); free(dist); free(counts); free(labels); free(new_labels);
     return status;
 }
