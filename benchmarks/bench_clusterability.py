@@ -10,9 +10,11 @@ Runs in one process, side by side on the same graphs:
 
 Cases: the 784-256x4-10 MLP (random init and a planted-module variant), a 5k-node MLP, a
 VGG-16-shaped channel graph, a 20k-node MLP (4096-wide layers), a 90%-pruned ~100k-node MLP,
-and 100 shuffles of the 784-256x4-10 MLP end to end. Wall time, peak memory (RSS sampled every
-2 ms above the level before the case) and n-cut are printed with ratios, and the table is
-written to ``benchmarks/results/clusterability.md``.
+100 shuffles of the 784-256x4-10 MLP end to end, and (``kernels``) ours with the compiled
+k-means/refinement kernels against the numpy versions used without a C compiler. Wall time,
+peak memory (RSS sampled every 2 ms above the level before the case) and n-cut are printed with
+ratios; a run of every case writes the table to ``benchmarks/results/clusterability.md``
+(``--out`` for partial runs).
 
 Usage::
 
@@ -38,6 +40,7 @@ import torch
 from torch_modularity import WeightGraph, clusterability, ncut
 
 K = 12
+ALL_CASES = "mlp,planted,quality,mlp5k,vgg,mlp20k,pruned100k,shuffles,kernels"
 
 
 # --------------------------------------------------------------------------- measuring
@@ -206,7 +209,8 @@ def best_of_pair(ours: Callable, reference: Callable, budget_s: float = 20.0, mo
 
 
 def single_graph_case(table: Table, name: str, graph: WeightGraph, target: str, run_reference: bool, seed: int = 0,
-                      device: Optional[str] = None):
+                      device: Optional[str] = None, most: Optional[int] = None,
+                      skipped_because: str = "does not finish in reasonable time/memory"):
     # Warm-up on a small graph so that import/first-call costs are not billed to the case.
     ours_labels(mlp_graph([20, 30, 10], 0), 0)
     if device is not None:
@@ -217,18 +221,18 @@ def single_graph_case(table: Table, name: str, graph: WeightGraph, target: str, 
     if run_reference and graph.num_nodes <= 2000:
         # Both take under ~1 s here: alternate them, so that the ratio is not a matter of luck.
         (labels, our_t, our_mb), (ref, ref_t, ref_mb), runs = best_of_pair(
-            lambda: ours_labels(graph, seed, device), lambda: reference_labels(graph, seed))
+            lambda: ours_labels(graph, seed, device), lambda: reference_labels(graph, seed), most=most or 12)
         note.append(f"best of {runs} alternating runs of each")
     else:
-        labels, our_t, our_mb, our_runs = best_of(lambda: ours_labels(graph, seed, device))
+        labels, our_t, our_mb, our_runs = best_of(lambda: ours_labels(graph, seed, device), most=most or 5)
     our_ncut = ncut(graph, labels)
     if run_reference and graph.num_nodes > 2000:
-        ref, ref_t, ref_mb, ref_runs = best_of(lambda: reference_labels(graph, seed))
+        ref, ref_t, ref_mb, ref_runs = best_of(lambda: reference_labels(graph, seed), most=most or 5)
         note.append(f"best of {our_runs} (ours) / {ref_runs} (reference) runs")
     if run_reference:
         ref_ncut = ncut(graph, ref)
     else:
-        note.append(f"best of {our_runs} runs; reference not run (does not finish in reasonable time/memory)")
+        note.append(f"best of {our_runs} runs; reference not run ({skipped_because})")
     table.add(name, graph.num_nodes, graph.num_edges, ref_t, ref_mb, ref_ncut, our_t, our_mb, our_ncut, target,
               "; ".join(note))
 
@@ -251,12 +255,12 @@ def quality_case(table: Table, planted: bool, seeds: int):
               t_ours / seeds, None, float(np.mean(ours)), "our mean n-cut < reference mean", note)
 
 
-def shuffles_case(table: Table, n_shuffles: int, ref_shuffles: int):
+def shuffles_case(table: Table, n_shuffles: int, ref_shuffles: int, most: Optional[int] = None):
     graph = mlp_graph([784, 256, 256, 256, 256, 10], seed=0)
     clusterability(graph, n_clusters=K, n_shuffles=2)  # warm-up (pool start-up code paths)
     # Best of up to 3 runs, as the single-graph cases (each run starts its own worker pool).
     result, our_t, our_mb, our_runs = best_of(
-        lambda: clusterability(graph, n_clusters=K, n_shuffles=n_shuffles, seed=0), budget_s=20.0)
+        lambda: clusterability(graph, n_clusters=K, n_shuffles=n_shuffles, seed=0), budget_s=20.0, most=most or 5)
     # Reference: the research code shuffles each matrix, rebuilds the CSR graph and runs sklearn.
     from torch_modularity.shuffle import shuffle_weights
 
@@ -279,35 +283,68 @@ def shuffles_case(table: Table, n_shuffles: int, ref_shuffles: int):
               f"n-cut columns are shuffle means; ours used {os.cpu_count()} worker processes, best of {our_runs} runs")
 
 
+def kernels_case(table: Table, planted: bool, most: Optional[int] = None):
+    """Ours with the compiled k-means/refinement kernels versus the numpy versions the library
+    falls back to without a C compiler (the "reference" columns), in alternation."""
+    from torch_modularity import _native
+
+    graph = mlp_graph([784, 256, 256, 256, 256, 10], 0, planted=planted)
+    compiled = _native.kernels
+    if compiled() is None:
+        print("(compiled kernels not built: kernels case skipped)")
+        return
+
+    def without_kernels():
+        _native.kernels = lambda: None
+        try:
+            return ours_labels(graph, 0)
+        finally:
+            _native.kernels = compiled
+
+    (labels, t_c, mb_c), (labels_np, t_np, mb_np), runs = best_of_pair(lambda: ours_labels(graph, 0), without_kernels,
+                                                                      most=most or 12)
+    same = bool(np.array_equal(labels, labels_np))
+    kind = "planted" if planted else "random init"
+    table.add(f"784-256x4-10 MLP, {kind}: numpy k-means/refinement (reference columns) vs compiled", graph.num_nodes,
+              graph.num_edges, t_np, mb_np, ncut(graph, labels_np), t_c, mb_c, ncut(graph, labels), "-",
+              f"best of {runs} alternating runs of each; same labels: {same}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small graphs only (smoke test)")
-    parser.add_argument("--cases", default="mlp,planted,quality,mlp5k,vgg,mlp20k,pruned100k,shuffles")
+    parser.add_argument("--cases", default=ALL_CASES)
     parser.add_argument("--seeds", type=int, default=10, help="graphs per quality comparison")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "clusterability.md"))
+    parser.add_argument("--out", default=None,
+                        help="markdown table to write (default: benchmarks/results/clusterability.md, and only when "
+                             "every case runs, so that a partial run does not replace the full table)")
     parser.add_argument("--device", default=None,
                         help="also run the large cases (mlp20k, pruned100k) with the block solver on this device, e.g. cuda")
     args = parser.parse_args(argv)
     cases = set(args.cases.split(","))
     if args.quick:
-        cases &= {"mlp", "planted", "quality", "vgg", "shuffles"}
+        cases &= {"mlp", "planted", "quality", "vgg", "shuffles", "kernels"}
         args.seeds = min(args.seeds, 2)
 
+    most = 2 if args.quick else None  # smoke test: two timed runs per pipeline
     table = Table()
     print("case | nodes | edges | ref time | ref peak | ref n-cut | ours time | ours peak | ours n-cut | speed-up | target | note")
     if "mlp" in cases:
         single_graph_case(table, "784-256x4-10 MLP, random init", mlp_graph([784, 256, 256, 256, 256, 10], 0),
-                          ">= 20x faster, n-cut <= reference", True)
+                          ">= 20x faster, n-cut <= reference", True, most=most)
     if "planted" in cases:
         single_graph_case(table, "784-256x4-10 MLP, planted modules",
-                          mlp_graph([784, 256, 256, 256, 256, 10], 0, planted=True), ">= 20x faster, n-cut <= reference", True)
+                          mlp_graph([784, 256, 256, 256, 256, 10], 0, planted=True), ">= 20x faster, n-cut <= reference", True,
+                          most=most)
     if "quality" in cases:
         quality_case(table, planted=False, seeds=args.seeds)
         quality_case(table, planted=True, seeds=args.seeds)
     if "mlp5k" in cases:
         single_graph_case(table, "MLP 1000x5 (5k nodes)", mlp_graph([1000] * 5, 0), "-", True)
     if "vgg" in cases:
-        single_graph_case(table, "VGG-16 channel graph", vgg_channel_graph(0), "<= 150 ms", True)
+        # (the reference takes ~6 s here: not in the smoke test)
+        single_graph_case(table, "VGG-16 channel graph", vgg_channel_graph(0), "<= 150 ms", not args.quick, most=most,
+                          skipped_because="--quick")
     if "mlp20k" in cases:
         single_graph_case(table, "MLP 4096x5 (20k nodes)", mlp_graph([4096] * 5, 0), "<= 3 s, < 1 GB", False)
     if "pruned100k" in cases:
@@ -320,17 +357,23 @@ def main(argv: Optional[List[str]] = None) -> None:
             single_graph_case(table, "MLP 4000x25 (100k nodes), 90% pruned", mlp_graph([4000] * 25, 0, density=0.1),
                               "-", False, device=args.device)
     if "shuffles" in cases:
-        shuffles_case(table, n_shuffles=20 if args.quick else 100, ref_shuffles=2 if args.quick else 10)
+        shuffles_case(table, n_shuffles=20 if args.quick else 100, ref_shuffles=2 if args.quick else 10, most=most)
+    if "kernels" in cases:
+        kernels_case(table, planted=False, most=most)
+        kernels_case(table, planted=True, most=most)
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.python_version()}"
     if args.device is not None and args.device.startswith("cuda"):
         machine += f", GPU {torch.cuda.get_device_name(torch.device(args.device))}"
     text = (f"# Clusterability benchmark\n\nMachine: {machine}. Run: `python benchmarks/bench_clusterability.py"
             f"{' --quick' if args.quick else ''}` on {time.strftime('%Y-%m-%d')}.\n\n{table.markdown()}\n")
-    if not args.quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"\nwrote {args.out}")
+    out = args.out
+    if out is None and not args.quick and cases == set(ALL_CASES.split(",")):
+        out = str(Path(__file__).parent / "results" / "clusterability.md")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+        print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
