@@ -352,6 +352,35 @@ def test_native_kmeans_degenerate_seeding_falls_back_to_the_same_draws():
         kmeans(x, 3, 2, np.random.default_rng(0), backend="fortran")
 
 
+def test_lloyd_reseeding_never_empties_another_cluster():
+    # The point farthest from its centre is alone in its cluster: moving it to the empty
+    # cluster would empty that one (a NaN centre before). The farthest point of a cluster with
+    # other members is taken instead; every centre stays finite.
+    from torch_modularity.spectral import _lloyd
+
+    x = np.array([[0.0], [0.0], [0.0], [2.0], [2.0], [20.0]])
+    x_aug = np.hstack([x, np.ones((6, 1))])
+    centres = np.array([[1.0], [10.0], [1000.0]])
+    labels, final, inertia, dist = _lloyd(x_aug, (x ** 2).sum(axis=1), centres, 50, 0.0)
+    assert np.isfinite(final).all() and np.isfinite(inertia)
+    assert np.bincount(labels, minlength=3).min() > 0
+
+
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_kmeans_with_many_duplicate_points(backend):
+    # Few distinct points, clusters close to their number: exactly k non-empty clusters, finite
+    # (the suite turns RuntimeWarnings such as a 0/0 centre into errors), same on both backends.
+    from torch_modularity.spectral import kmeans
+
+    rng = np.random.default_rng(4)
+    for k in (3, 5, 7):
+        x = np.round(rng.normal(size=(40, 2)) * 0.6)
+        labels = kmeans(x, k, 3, np.random.default_rng(k), backend=backend)
+        assert sorted(set(labels.tolist())) == list(range(k))
+        other = kmeans(x, k, 3, np.random.default_rng(k), backend="numpy" if backend == "native" else "native")
+        np.testing.assert_array_equal(labels, other)
+
+
 def test_lloyd_reseeds_an_empty_cluster_and_keeps_its_sums_exact():
     # A centre far from every point gets none in the first assignment: it is re-seeded with the
     # point farthest from its centre, and the incrementally kept sums stay the true cluster sums.

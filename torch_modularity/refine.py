@@ -116,7 +116,9 @@ def refine_partition(
         degrees: weighted degree of every node.
         max_passes: sweeps over all groups; inner_passes: batches tried per group visit.
         backend: ``"native"`` (the C kernel; dense blocks only), ``"numpy"``, or ``"auto"``
-            (native where it applies). Both make the same moves up to rounding.
+            (native where it applies). Both make the same moves up to rounding: their labels
+            differ only where two moves' gains tie within rounding (the numpy version sums
+            float32 blocks' products in float32, the kernel in float64).
 
     Returns:
         ``(labels, ncut)`` with ``ncut`` no higher than the start's; with ``return_start``

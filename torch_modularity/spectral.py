@@ -499,17 +499,22 @@ def _lloyd(x_aug: np.ndarray, sq_norms: np.ndarray, centres: np.ndarray, max_ite
             counts = counts + np.bincount(dst, minlength=k) - np.bincount(src, minlength=k)
         labels = new_labels
         if counts.min() == 0:
-            # Re-seed empty clusters with the points farthest from their centres.
+            # Re-seed empty clusters with the points farthest from their centres, never taking
+            # a cluster's last point (with duplicate points that would empty another cluster).
             empty = np.nonzero(counts == 0)[0]
             point_dist = partial[np.arange(n), labels] + sq_norms
-            far = np.argsort(point_dist)[::-1][: empty.size]
-            for c, p in zip(empty, far):
+            for c in empty:
+                eligible = counts[labels] > 1
+                if not eligible.any():
+                    break
+                p = int(np.argmax(np.where(eligible, point_dist, -np.inf)))
                 sums[labels[p]] -= x[p]
                 counts[labels[p]] -= 1
                 sums[c] = x[p]
                 counts[c] = 1
                 labels[p] = c
-        new = sums / counts[:, None]  # every cluster has a point now
+        # A cluster left empty (fewer distinct points than clusters) keeps its centre.
+        new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centres)
         step = new - centres
         centres = new
         if np.vdot(step, step) <= tol:
