@@ -205,6 +205,9 @@ def test_refine_partition_rejects_inconsistent_inputs(backend):
         refine_partition(sizes, [(0, 3, blocks[0][2])], [[0, 2], [1]], labels, 4, deg, backend=backend)
     with pytest.raises(ValueError, match="distinct layers"):
         refine_partition(sizes, blocks, [[0, 2], [1, 2]], labels, 4, deg, backend=backend)
+    with pytest.raises(ValueError, match="finite"):
+        refine_partition(sizes, blocks, [[0, 2], [1]], labels, 4, np.where(np.arange(len(deg)) == 3, np.nan, deg),
+                         backend=backend)
 
 
 def test_sparse_and_dense_blocks_agree():

@@ -352,6 +352,16 @@ def test_native_kmeans_degenerate_seeding_falls_back_to_the_same_draws():
         kmeans(x, 3, 2, np.random.default_rng(0), backend="fortran")
 
 
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_kmeans_rejects_non_finite_points(backend):
+    from torch_modularity.spectral import kmeans
+
+    x = np.random.default_rng(0).normal(size=(30, 3))
+    x[4, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        kmeans(x, 3, 2, np.random.default_rng(0), backend=backend)
+
+
 def test_lloyd_reseeding_never_empties_another_cluster():
     # The point farthest from its centre is alone in its cluster: moving it to the empty
     # cluster would empty that one (a NaN centre before). The farthest point of a cluster with

@@ -439,6 +439,7 @@ static int kmeans_plusplus(int64_t n, int64_t d, const double *x, const double *
                     best_row = row;
                 }
             }
+            if (best_row == NULL) return 1; /* non-finite potentials (the caller checks x) */
             centres[r * k + c] = best_cand;
             memcpy(closest + r * n, best_row, (size_t)n * sizeof(double));
         }

@@ -131,6 +131,8 @@ def refine_partition(
     deg_in = np.asarray(degrees, dtype=np.float64)
     if deg_in.shape != (n,):
         raise ValueError(f"degrees must have one entry per node ({n})")
+    if not np.isfinite(deg_in).all():
+        raise ValueError("degrees are not all finite (NaN/Inf weights?); the n-cut is undefined")
     _check_inputs(sizes, blocks, groups, labels, k, n)
     if backend != "numpy":
         out = _refine_native(sizes, blocks, groups, labels, k, deg_in, max_passes, inner_passes, eps)

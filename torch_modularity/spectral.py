@@ -586,6 +586,8 @@ def kmeans(x: np.ndarray, k: int, n_init: int, rng: np.random.Generator, max_ite
     if k > n:
         raise ValueError(f"cannot form {k} clusters from {n} points")
     x = np.ascontiguousarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError("k-means input has non-finite (NaN/Inf) values")
     sq_norms = (x ** 2).sum(axis=1)
     mean = x.mean(axis=0)
     # Mean per-dimension variance, from the squared norms (np.var's temporaries cost more).
