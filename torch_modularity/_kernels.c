@@ -45,17 +45,9 @@ static void sort_desc(int64_t *idx, int64_t *tmp, int64_t m, const double *key) 
     memcpy(idx, tmp, (size_t)m * sizeof(int64_t));
 }
 
-/* Merge sort of idx[0..m) ascending. */
-static void sort_asc(int64_t *idx, int64_t *tmp, int64_t m) {
-    if (m < 2) return;
-    int64_t h = m / 2;
-    sort_asc(idx, tmp, h);
-    sort_asc(idx + h, tmp, m - h);
-    int64_t i = 0, j = h, o = 0;
-    while (i < h && j < m) tmp[o++] = idx[j] < idx[i] ? idx[j++] : idx[i++];
-    while (i < h) tmp[o++] = idx[i++];
-    while (j < m) tmp[o++] = idx[j++];
-    memcpy(idx, tmp, (size_t)m * sizeof(int64_t));
+static int cmp_i64(const void *x, const void *y) {
+    int64_t a = *(const int64_t *)x, b = *(const int64_t *)y;
+    return (a > b) - (a < b);
 }
 
 static double ncut_from_totals(const double *w_in, const double *vol, int64_t k, double eps) {
@@ -272,7 +264,7 @@ int NAME(int64_t n_layers, const int64_t *sizes, const int64_t *offsets, int64_t
                  * columns, updated row by row over the block for all of them at once (in               \
                  * ascending order), so each cache line of the block is read at most once. */           \
                 memcpy(tmp, batch, (size_t)nb * sizeof(int64_t));                                       \
-                sort_asc(tmp, keep == batch ? cand : keep, nb);                                         \
+                qsort(tmp, (size_t)nb, sizeof(int64_t), cmp_i64);                                       \
                 for (int64_t t = 0; t < nb; t++) {                                                      \
                     int64_t p = tmp[t], i = nodes[p];                                                   \
                     labels[i] = bb[p];                                                                  \
@@ -541,7 +533,7 @@ int tm_kmeans(int64_t n, int64_t d, const double *x, const double *sq_norms, int
     int64_t *centre_idx = malloc((size_t)(n_seeds * k) * sizeof(int64_t));
     double *closest = malloc((size_t)(n_seeds * n) * sizeof(double));
     double *cum = malloc((size_t)(n_seeds * n) * sizeof(double));
-    double *tdist = malloc((size_t)(trials * n + n * k) * sizeof(double));
+    double *tdist = malloc((size_t)(trials * n) * sizeof(double));
     double *xt2 = malloc((size_t)(n * d) * sizeof(double));
     double *total = malloc((size_t)n_seeds * sizeof(double));
     double *centres = malloc((size_t)(k * d) * sizeof(double));

@@ -39,7 +39,7 @@ def native_available() -> bool:
     return _native.available()
 
 
-def _refine_native(sizes, blocks, groups, labels, k, deg, max_passes, inner_passes, eps):
+def _refine_native(sizes, offsets, blocks, layer_groups, labels, k, deg, max_passes, inner_passes, eps):
     """:func:`refine_partition` by the C kernel: ``(labels, ncut, start)``, or ``None`` when the
     kernel is missing or the blocks are not all dense float32 / all dense float64."""
     lib = _native.kernels()
@@ -50,11 +50,9 @@ def _refine_native(sizes, blocks, groups, labels, k, deg, max_passes, inner_pass
         return None
     data = [np.ascontiguousarray(w) for _, _, w in blocks]
     sizes_a = np.asarray(sizes, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes_a)]).astype(np.int64)
     src = np.asarray([b[0] for b in blocks], dtype=np.int64)
     dst = np.asarray([b[1] for b in blocks], dtype=np.int64)
     pointers = (ctypes.c_void_p * len(data))(*[w.ctypes.data for w in data])
-    layer_groups = [list(g) for g in groups if len(g)]
     group_ptr = np.concatenate([[0], np.cumsum([len(g) for g in layer_groups])]).astype(np.int64)
     group_layers = np.asarray([l for g in layer_groups for l in g], dtype=np.int64)
     out_labels = np.array(labels, dtype=np.int64)  # a copy: the kernel moves labels in place
@@ -134,8 +132,9 @@ def refine_partition(
     if not np.isfinite(deg_in).all():
         raise ValueError("degrees are not all finite (NaN/Inf weights?); the n-cut is undefined")
     _check_inputs(sizes, blocks, groups, labels, k, n)
+    layer_groups = [list(g) for g in groups if len(g)]
     if backend != "numpy":
-        out = _refine_native(sizes, blocks, groups, labels, k, deg_in, max_passes, inner_passes, eps)
+        out = _refine_native(sizes, offsets, blocks, layer_groups, labels, k, deg_in, max_passes, inner_passes, eps)
         if out is not None:
             return out if return_start else out[:2]
         if backend == "native":
@@ -145,9 +144,9 @@ def refine_partition(
 
     # Nodes are renumbered so that every group is one contiguous range (its rows of the edge
     # totals are then a view, not a gather per visit); ``node_order[p]`` is the node at position p.
-    layer_groups = [list(g) for g in groups if len(g)]
     placed = [l for g in layer_groups for l in g]
-    order_layers = placed + [l for l in range(len(sizes)) if l not in set(placed)]
+    unplaced = set(range(len(sizes))) - set(placed)
+    order_layers = placed + sorted(unplaced)
     start_of = np.zeros(len(sizes), dtype=np.int64)
     pos = 0
     for l in order_layers:

@@ -147,15 +147,6 @@ class _BipartiteGram:
         y *= self._col(self.scale_large, y)
         return y
 
-    def backward(self, y: np.ndarray) -> np.ndarray:
-        """``B^T y``: large side -> small side."""
-        ys = y * self._col(self.scale_large, y)
-        z = np.zeros((self.n_small,) + y.shape[1:], dtype=y.dtype)
-        for m, out, inp in self._bwd:
-            z[out] += m @ ys[inp]
-        z *= self._col(self.scale_small, z)
-        return z
-
     def gram(self, z: np.ndarray) -> np.ndarray:
         """``B^T B z``, one large-side layer at a time: each block is used by the backward
         product right after the forward one, while it is still in cache (the blocks of the
