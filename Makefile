@@ -8,7 +8,7 @@ CONSTRAINTS := ci/constraints.txt
 
 .PHONY: demo test venv data clean
 
-$(VENV)/.installed: setup.cfg setup.py pyproject.toml torch_modularity/_kernels.c $(CONSTRAINTS)
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml torch_modularity/_kernels.c torch_modularity/_chain_step.c torch_modularity/_chain_step.h $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(CONSTRAINTS) torch
 	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[test,plot,lightning,huggingface]'

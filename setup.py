@@ -10,7 +10,8 @@ setup(
     ext_modules=[
         Extension(
             "torch_modularity._kernels",
-            sources=["torch_modularity/_kernels.c"],
+            sources=["torch_modularity/_kernels.c", "torch_modularity/_chain_step.c"],
+            depends=["torch_modularity/_chain_step.h"],
             # No contraction into fused multiply-adds: the kernels reproduce the numpy
             # versions' arithmetic operation by operation.
             extra_compile_args=["-O3", "-ffp-contract=off"],

@@ -130,10 +130,32 @@ def test_float32_model(planted_weights):
     assert _rel([x.double() for x in g], ref) < 1e-4
 
 
-def test_warm_started_training_keeps_the_gradient_exact(planted_weights):
-    """A few SGD steps: each step's warm-started gradient still matches dense eigh."""
+def _native_step_available():
+    from torch_modularity import _native
+
+    return _native.kernels() is not None and _native.blas_lapack("d") is not None
+
+
+def test_native_regularizer_step_is_available_on_linux_x86_64():
+    # The compiled step needs the kernels (built by `pip install`) and torch's exported MKL
+    # BLAS/LAPACK symbols, which the x86-64 Linux wheels have: a regression here would silently
+    # cost the regularizer its fast path.
+    import platform
+    import sys
+
+    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
+        pytest.skip("the availability guarantee is for x86-64 Linux only")
+    assert _native_step_available()
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_warm_started_training_keeps_the_gradient_exact(planted_weights, backend):
+    """A few SGD steps: each step's warm-started gradient still matches dense eigh (both the
+    torch and the compiled per-step solver)."""
+    if backend == "native" and not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
     model = _planted_mlp(planted_weights, SIZES, k=3, seed=4)
-    reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, tol=1e-12)
+    reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, tol=1e-12, backend=backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(4):
         opt.zero_grad()
@@ -145,6 +167,92 @@ def test_warm_started_training_keeps_the_gradient_exact(planted_weights):
         opt.step()
     assert reg.steps == 4 and reg.last_result.iterations <= 4
     assert reg._chain_gram is not None  # the warm steps took the lean chain solver
+
+
+def _trained_state(sizes, dtype, steps=12, seed=0, degree=1):
+    """A regularizer warm-started by a few Adam steps (torch backend), and its step's inputs."""
+    model = _mlp(sizes, seed=seed, dtype=dtype)
+    reg = SpectralRegularizer(model, n_eigs=4, weight=0.5, degree=degree, backend="torch")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, sizes[0], generator=gen, dtype=dtype)
+    before = None
+    for _ in range(steps):
+        before = reg.last_result
+        opt.zero_grad()
+        (model(x).square().mean() + reg()).backward()
+        opt.step()
+    reg._before_last_block = before.block  # the warm block of the solve before last_result
+    ws = reg._weights()
+    with torch.no_grad():
+        blocks = [w.detach().abs() for w in ws]
+        deg = [torch.zeros(n, dtype=dtype) for n in reg.layer_sizes]
+        for l, a in enumerate(blocks):
+            deg[l + 1] += a.sum(dim=1)
+            deg[l] += a.sum(dim=0)
+        flat = torch.cat(deg)
+    return reg, blocks, flat.rsqrt(), flat.sqrt()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("sizes,degree,extrapolate", [
+    ([30, 24, 20, 16, 6], 1, True),   # the small side holds the input layer
+    ([12, 40, 36, 8], 2, False),      # odd number of blocks, degree-2 filter
+    ([25, 30, 10, 20, 18, 6], 1, False),
+])
+def test_native_step_matches_torch_step(dtype, sizes, degree, extrapolate):
+    """The compiled per-step solver does what _ChainGram.step does: same Ritz values, eigenvalues,
+    eigenvectors (up to each vector's sign), M X, residuals and zero count, from the same warm start."""
+    if not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
+    reg, blocks, inv_all, sqrt_all = _trained_state(sizes, dtype, degree=degree)
+    gram, warm = reg._chain_gram, reg.last_result
+    assert gram is not None and warm.method == "gram" and gram.native_ok(blocks, warm)
+    previous = reg._before_last_block if extrapolate else None
+    assert previous is None or previous.shape == warm.block.shape
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    args = (warm, reg.k, degree, tol, 8, 0, 1e-5)
+    cut = gram._next_cut
+    ref = gram.step(blocks, list(inv_all.split(reg.layer_sizes)), list(sqrt_all.split(reg.layer_sizes)), *args,
+                    previous=previous)
+    gram._next_cut = cut
+    out = gram.step_native(blocks, inv_all, sqrt_all, *args, previous=previous)
+    assert ref is not None, "the torch step did not converge: the test needs a converging case"
+    assert out is not None
+    (r_ref, x_ref, mx_ref, z_ref), (r_out, x_out, mx_out, z_out) = ref, out
+    close = 1e-12 if dtype == torch.float64 else 2e-5
+    assert r_out.iterations == r_ref.iterations and z_out == z_ref
+    torch.testing.assert_close(r_out.eigenvalues, r_ref.eigenvalues, rtol=0, atol=close)
+    torch.testing.assert_close(r_out.ritz_values, r_ref.ritz_values, rtol=0, atol=close)
+    signs = torch.sign((x_out * x_ref).sum(dim=1, keepdim=True))
+    assert bool((signs != 0).all())
+    vec_close = 1e-10 if dtype == torch.float64 else 1e-3
+    torch.testing.assert_close(x_out * signs, x_ref, rtol=0, atol=vec_close)
+    torch.testing.assert_close(mx_out * signs, mx_ref, rtol=0, atol=vec_close)
+    assert float(r_out.residuals.max()) <= tol
+    # the kept Ritz block spans the same subspace
+    b_out, b_ref = r_out.block.T, r_ref.block.T
+    overlap = torch.linalg.svdvals(b_out @ b_ref.T)
+    assert float(overlap.min()) > 1 - (1e-9 if dtype == torch.float64 else 1e-3)
+
+
+def test_native_step_reports_failure_and_the_regularizer_falls_back():
+    """No convergence within max_iter (tol 0): the compiled step returns None like the torch one,
+    and the regularizer falls back to the generic solver with a correct value."""
+    if not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
+    reg, blocks, inv_all, sqrt_all = _trained_state([30, 24, 20, 16, 6], torch.float64)
+    warm = reg.last_result
+    assert reg._chain_gram.step_native(blocks, inv_all, sqrt_all, warm, reg.k, 1, 0.0, 2, 0, 1e-9) is None
+    reg.tol, reg.max_iter, reg.backend = 0.0, 1, "native"
+    value = reg()
+    ws = [w.detach() for w in reg._weights()]
+    assert value.item() == pytest.approx(reg.weight * _dense_sum(ws, reg.n_eigs).item(), rel=1e-8)
+
+
+def test_backend_is_validated():
+    with pytest.raises(ValueError, match="backend"):
+        SpectralRegularizer(_mlp([6, 5, 4]), n_eigs=2, backend="fast")
 
 
 def test_reused_buffers_keep_gradients_exact(planted_weights):

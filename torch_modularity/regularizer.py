@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import _native
 from .eigen import EigResult, _safe_rsqrt, chebyshev_eigs, default_tol, layer_coloring
 from .graph import WeightGraph, unwrap_model as _unwrap
 from .trace import GraphRebuilder
@@ -257,6 +258,7 @@ class _ChainGram:
         # The filter's lower cut of the next step (a Ritz value of this one) as a Python float,
         # read together with the residuals: one host-device synchronisation per step.
         self._next_cut: Optional[Tuple[torch.Tensor, float]] = None
+        self._native_meta: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # sizes and sides for step_native
 
     def _node_order(self, device) -> torch.Tensor:
         """Index of every node (in node order) in a row laid out as (small side, large side)."""
@@ -404,6 +406,72 @@ class _ChainGram:
             num_isolated=num_isolated,
         )
         self._next_cut = (theta, smallest)
+        return result, x_rows, mx_rows, int(n_zero)
+
+    def native_ok(self, blocks, warm: EigResult) -> bool:
+        """Whether :meth:`step_native` can run: CPU float32/float64 blocks, the compiled step and
+        the BLAS/LAPACK routines available, a block no wider than the small side."""
+        a = blocks[0]
+        if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64):
+            return False
+        if _native.kernels() is None or _native.blas_lapack("s" if a.dtype == torch.float32 else "d") is None:
+            return False
+        return warm.block.dim() == 2 and warm.block.shape[1] <= self.n_small
+
+    def step_native(self, blocks, inv_all: torch.Tensor, sqrt_all: torch.Tensor, warm: EigResult, k: int, degree: int,
+                    tol: float, max_iter: int, num_isolated: int = 0, zero_tol: float = 0.0,
+                    previous: Optional[torch.Tensor] = None):
+        """:meth:`step` as one call of the compiled kernel (``_chain_step.h``): the same operations,
+        with the ~150 small torch calls of a step (and their dispatch cost) replaced by direct
+        BLAS/LAPACK calls. Same inputs (``inv_all``/``sqrt_all``: ``D^-1/2`` and ``D^1/2`` over all
+        nodes) and returns; the GIL is released for the whole step. Check :meth:`native_ok` first."""
+        dtype = blocks[0].dtype
+        lib = _native.kernels()
+        fns = _native.blas_lapack("s" if dtype == torch.float32 else "d")
+        fn = lib.tm_chain_step_f32 if dtype == torch.float32 else lib.tm_chain_step_f64
+        zt = warm.block.T.to(dtype=dtype).contiguous()
+        m = zt.shape[0]
+        theta = warm.ritz_values.to(dtype=dtype).contiguous()
+        if zt.shape[1] != self.n_small or theta.numel() < m or m < k:
+            return None
+        prev = None
+        if previous is not None and previous.shape == warm.block.shape:
+            prev = previous.T.to(dtype=dtype).contiguous()
+        blocks = [b if b.is_contiguous() else b.contiguous() for b in blocks]
+        if self._native_meta is None:
+            self._native_meta = (torch.tensor(self.sizes, dtype=torch.int64),
+                                 torch.tensor([int(l in self.bounds) for l in range(len(self.sizes))], dtype=torch.int64))
+        sizes_t, small_t = self._native_meta
+        addrs = torch.tensor([b.data_ptr() for b in blocks], dtype=torch.int64)
+        inv_all = inv_all.to(dtype=dtype).contiguous()
+        sqrt_all = sqrt_all.to(dtype=dtype).contiguous()
+        n = inv_all.numel()
+        x_rows = torch.empty(k, n, dtype=dtype)
+        mx_rows = torch.empty(k, n, dtype=dtype)
+        zt_out = torch.empty(m, self.n_small, dtype=dtype)
+        theta_out = torch.empty(m, dtype=dtype)
+        res = torch.empty(k, dtype=dtype)
+        sigma2 = torch.empty(k, dtype=dtype)
+        stats = torch.zeros(4, dtype=torch.float64)
+        cached = self._next_cut
+        smallest = cached[1] if cached is not None and cached[0] is warm.ritz_values else float(theta[m - 1])
+        status = fn(*fns, len(self.sizes), sizes_t.data_ptr(), addrs.data_ptr(), small_t.data_ptr(),
+                    inv_all.data_ptr(), sqrt_all.data_ptr(), zt.data_ptr(), theta.data_ptr(),
+                    prev.data_ptr() if prev is not None else None, m, k, degree, float(tol), max(1, max_iter),
+                    (1.0 - zero_tol) ** 2, float(smallest), x_rows.data_ptr(), mx_rows.data_ptr(), zt_out.data_ptr(),
+                    theta_out.data_ptr(), res.data_ptr(), sigma2.data_ptr(), stats.data_ptr())
+        if status == -1:
+            raise MemoryError("the compiled regularizer step could not allocate its work arrays")
+        if status <= 0:
+            return None  # not trustworthy (or a LAPACK error): the generic route decides
+        _, _, smallest, n_zero = stats.tolist()
+        sigma = sigma2.sqrt().clamp_min(torch.finfo(dtype).tiny)
+        result = EigResult(
+            eigenvalues=1.0 - sigma, eigenvectors=x_rows.T, block=zt_out.T, ritz_values=theta_out,
+            residuals=res, iterations=status, matvecs=(degree + 2) * status, converged=True, method="gram",
+            num_isolated=num_isolated,
+        )
+        self._next_cut = (theta_out, smallest)
         return result, x_rows, mx_rows, int(n_zero)
 
 
@@ -643,6 +711,7 @@ class SpectralRegularizer:
         cold_degree: int = 8,
         seed: int = 0,
         solver_dtype: Optional[torch.dtype] = None,
+        backend: str = "auto",
         example_input: Any = None,
         kernel_norm: str = "l1",
         fold_batchnorm: bool = True,
@@ -662,6 +731,8 @@ class SpectralRegularizer:
             raise ValueError(f"every must be at least 1, got {every}")
         if degree < 1 or cold_degree < 1:
             raise ValueError(f"degree and cold_degree must be at least 1, got {degree}, {cold_degree}")
+        if backend not in ("auto", "native", "torch"):
+            raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
         weight = float(weight)
         if not math.isfinite(weight):
             raise ValueError(f"weight must be a finite number, got {weight}")
@@ -716,6 +787,7 @@ class SpectralRegularizer:
         self.cold_degree = int(cold_degree)
         self.seed = int(seed)
         self.solver_dtype = solver_dtype
+        self.backend = backend
         self.normalize_relu = bool(normalize_relu)
         self.steps = 0
         self.n_isolated = n_iso
@@ -930,7 +1002,7 @@ class SpectralRegularizer:
             sqrt_d = list(sqrt_all.split(self.layer_sizes))
             mx = None
             if self._vectors is None or self.steps % self.every == 0:
-                lean = self._lean_step(blocks, inv, sqrt_d, cdtype, int(n_isolated))
+                lean = self._lean_step(blocks, inv, sqrt_d, cdtype, int(n_isolated), inv_all, sqrt_all)
                 if lean is not None:
                     res, self._vectors, mx = lean
                 else:
@@ -951,7 +1023,7 @@ class SpectralRegularizer:
         self._eigs = (1.0 - q.detach()).sort().values[1:]
         return total * self.weight
 
-    def _lean_step(self, blocks, inv, sqrt_d, cdtype, num_isolated: int = 0):
+    def _lean_step(self, blocks, inv, sqrt_d, cdtype, num_isolated: int = 0, inv_all=None, sqrt_all=None):
         """The warm per-step solve on a chain (:class:`_ChainGram`), or ``None`` to use :meth:`_solve`."""
         warm = self.last_result
         if (warm is None or warm.method != "gram" or warm.block.dim() != 2
@@ -964,8 +1036,17 @@ class SpectralRegularizer:
         # at a large rate) it doubles the noise and the step needs a second iteration. Then it
         # pauses for 4, 8, ... 64 solves (doubling while it keeps failing) before trying again.
         previous = self._previous_block if self._extrapolate_pause == 0 else None
-        out = self._chain_gram.step(blocks, inv, sqrt_d, warm, self.k, self.degree, tol, self.max_iter,
-                                    num_isolated, self._zero_tol(cdtype), previous=previous)
+        gram = self._chain_gram
+        if (self.backend != "torch" and inv_all is not None and gram.native_ok(blocks, warm)):
+            out = gram.step_native(blocks, inv_all, sqrt_all, warm, self.k, self.degree, tol, self.max_iter,
+                                   num_isolated, self._zero_tol(cdtype), previous=previous)
+        else:
+            if self.backend == "native":
+                raise RuntimeError("backend='native': the compiled regularizer step is not available here (it needs "
+                                   "the compiled kernels, CPU float32/float64 weights and torch's BLAS/LAPACK "
+                                   "symbols); use backend='auto'")
+            out = gram.step(blocks, inv, sqrt_d, warm, self.k, self.degree, tol, self.max_iter,
+                            num_isolated, self._zero_tol(cdtype), previous=previous)
         if out is None:
             return None
         res, xs, mx, n_zero = out

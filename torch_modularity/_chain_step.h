@@ -1,0 +1,328 @@
+/* One warm-started eigensolver step of SpectralRegularizer on a chain of Linear layers, for one
+ * floating-point type. Included twice by _chain_step.c, with REAL = float (suffix f32, BLAS/LAPACK
+ * s-routines) and REAL = double (suffix f64, d-routines).
+ *
+ * It is regularizer._ChainGram.step written out: the same operations in the same order, on the
+ * same row layout (a block of vectors is a row-major (rows, n_side) array; layer l of a side is
+ * a column range), with every matrix product a BLAS gemm and the QR factorizations and the small
+ * symmetric eigenproblem the LAPACK routines torch.linalg calls on the CPU (geqrf + orgqr,
+ * syevd). The BLAS/LAPACK functions are passed in as pointers (_native.blas_lapack() finds the
+ * ones torch itself uses), so the kernel links against nothing. Results equal the torch version
+ * up to rounding (the order of a gemm's sums may differ).
+ */
+
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define FN(name) CAT(name, SUF)
+
+typedef void (*FN(gemm_fn))(const char *, const char *, const int *, const int *, const int *, const REAL *,
+                            const REAL *, const int *, const REAL *, const int *, const REAL *, REAL *, const int *);
+typedef void (*FN(syevd_fn))(const char *, const char *, const int *, REAL *, const int *, REAL *, REAL *,
+                             const int *, int *, const int *, int *);
+typedef void (*FN(geqrf_fn))(const int *, const int *, REAL *, const int *, REAL *, REAL *, const int *, int *);
+typedef void (*FN(orgqr_fn))(const int *, const int *, const int *, REAL *, const int *, REAL *, REAL *,
+                             const int *, int *);
+
+typedef struct {
+    FN(gemm_fn) gemm;
+    FN(syevd_fn) syevd;
+    FN(geqrf_fn) geqrf;
+    FN(orgqr_fn) orgqr;
+    int64_t n_layers;
+    const int64_t *sizes;
+    const REAL *const *blocks; /* blocks[l]: |W_l|, C-contiguous (sizes[l+1], sizes[l]) */
+    const int64_t *side_off;   /* column offset of layer l within its side's row layout */
+    const int64_t *is_small;   /* 1 if layer l is on the small side */
+    int64_t ns, nl;            /* total width of the small and the large side */
+} FN(chain_ctx);
+
+/* Row-major C (r x c) = alpha op(A) op(B) + beta C, with op(A) (r x p), op(B) (p x c): the
+ * column-major gemm of the transposes. */
+static void FN(rm_gemm)(const FN(chain_ctx) *cx, char ta, char tb, int64_t r, int64_t c, int64_t p, REAL alpha,
+                        const REAL *a, int64_t lda, const REAL *b, int64_t ldb, REAL beta, REAL *out, int64_t ldc) {
+    int ir = (int)r, ic = (int)c, ip = (int)p, ia = (int)lda, ib = (int)ldb, io = (int)ldc;
+    cx->gemm(&tb, &ta, &ic, &ir, &ip, &alpha, b, &ib, a, &ia, &beta, out, &io);
+}
+
+/* (A v)_j for the target layers on the side `to_small` of rows `rows` of the other side (already
+ * scaled): out_j = below @ W_{j-1}^T + above @ W_j (regularizer._ChainGram._raw). */
+static void FN(raw)(const FN(chain_ctx) *cx, int64_t rows, const REAL *src, int64_t ld_src, int to_small, REAL *out,
+                    int64_t ld_out) {
+    for (int64_t j = 0; j < cx->n_layers; j++) {
+        if ((cx->is_small[j] != 0) != (to_small != 0)) continue;
+        int64_t nj = cx->sizes[j];
+        REAL *dst = out + cx->side_off[j];
+        int have = 0;
+        if (j >= 1) {
+            const REAL *below = src + cx->side_off[j - 1];
+            FN(rm_gemm)(cx, 'N', 'T', rows, nj, cx->sizes[j - 1], (REAL)1, below, ld_src, cx->blocks[j - 1],
+                        cx->sizes[j - 1], (REAL)0, dst, ld_out);
+            have = 1;
+        }
+        if (j + 1 < cx->n_layers) {
+            const REAL *above = src + cx->side_off[j + 1];
+            FN(rm_gemm)(cx, 'N', 'N', rows, nj, cx->sizes[j + 1], (REAL)1, above, ld_src, cx->blocks[j], nj,
+                        have ? (REAL)1 : (REAL)0, dst, ld_out);
+        }
+    }
+}
+
+static void FN(scale_rows)(REAL *t, int64_t rows, int64_t n, const REAL *s) {
+    for (int64_t i = 0; i < rows; i++) {
+        REAL *r = t + i * n;
+        for (int64_t c = 0; c < n; c++) r[c] *= s[c];
+    }
+}
+
+/* B t (to_large) or B^T t for rows t of the other side (_ChainGram._half_rows); tmp: rows x width of t. */
+static void FN(half_rows)(const FN(chain_ctx) *cx, const REAL *t, int64_t rows, int to_large, const REAL *inv_small,
+                          const REAL *inv_large, REAL *tmp, REAL *out) {
+    int64_t n_src = to_large ? cx->ns : cx->nl, n_dst = to_large ? cx->nl : cx->ns;
+    const REAL *inv_src = to_large ? inv_small : inv_large, *inv_dst = to_large ? inv_large : inv_small;
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t c = 0; c < n_src; c++) tmp[i * n_src + c] = t[i * n_src + c] * inv_src[c];
+    FN(raw)(cx, rows, tmp, n_src, !to_large, out, n_dst);
+    FN(scale_rows)(out, rows, n_dst, inv_dst);
+}
+
+/* G z = S_small A^T S_large^2 A S_small z for rows zt (_ChainGram._gram). */
+static void FN(gram)(const FN(chain_ctx) *cx, const REAL *zt, int64_t rows, const REAL *inv_small, const REAL *inv2_large,
+                     REAL *tmp_small, REAL *tmp_large, REAL *out) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t c = 0; c < cx->ns; c++) tmp_small[i * cx->ns + c] = zt[i * cx->ns + c] * inv_small[c];
+    FN(raw)(cx, rows, tmp_small, cx->ns, 0, tmp_large, cx->nl);
+    FN(scale_rows)(tmp_large, rows, cx->nl, inv2_large);
+    FN(raw)(cx, rows, tmp_large, cx->nl, 1, out, cx->ns);
+    FN(scale_rows)(out, rows, cx->ns, inv_small);
+}
+
+/* Rows of t (rows x n, rows <= n) replaced by orthonormal rows spanning the same space: the reduced
+ * QR of t^T (geqrf + orgqr on the column-major (n x rows) array that t's memory is). */
+static int FN(orthonormal_rows)(const FN(chain_ctx) *cx, REAL *t, int64_t rows, int64_t n, REAL *tau, REAL *work,
+                                int64_t lwork) {
+    int im = (int)n, in = (int)rows, ilw = (int)lwork, info = 0;
+    cx->geqrf(&im, &in, t, &im, tau, work, &ilw, &info);
+    if (info != 0) return -2;
+    cx->orgqr(&im, &in, &in, t, &im, tau, work, &ilw, &info);
+    return info != 0 ? -2 : 0;
+}
+
+/* Returns the number of iterations (>= 1) on success; 0 when the step cannot be trusted (non-finite
+ * values, no convergence within max_iter, a vanishing sigma_k: the caller falls back); -1 when out
+ * of memory; -2 on a LAPACK error.
+ *
+ * Inputs: warm (m x ns) and theta (m, descending) of the last solve; previous (m x ns) or NULL;
+ * inv, sqrt_d (node order, length N). Outputs: x_rows, mx_rows (k x N, node order), zt_out (m x ns),
+ * theta_out (m), res_out, sigma2_out (k), stats = {worst residual, min sigma2, smallest Ritz value,
+ * number of sigma2 >= zero_sigma2}. */
+int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, int64_t n_layers, const int64_t *sizes,
+                      const int64_t *block_addrs, const int64_t *is_small, const REAL *inv, const REAL *sqrt_d,
+                      const REAL *warm, const REAL *theta_in, const REAL *previous, int64_t m, int64_t k, int64_t degree,
+                      double tol, int64_t max_iter, double zero_sigma2, double smallest, REAL *x_rows, REAL *mx_rows,
+                      REAL *zt_out, REAL *theta_out, REAL *res_out, REAL *sigma2_out, double *stats) {
+    FN(chain_ctx) cx;
+    cx.gemm = (FN(gemm_fn))gemm;
+    cx.syevd = (FN(syevd_fn))syevd;
+    cx.geqrf = (FN(geqrf_fn))geqrf;
+    cx.orgqr = (FN(orgqr_fn))orgqr;
+    cx.n_layers = n_layers;
+    cx.sizes = sizes;
+    cx.blocks = (const REAL *const *)block_addrs;
+    cx.is_small = is_small;
+    int64_t side_off[n_layers > 0 ? n_layers : 1], node_off[n_layers > 0 ? n_layers : 1];
+    int64_t ns = 0, nl = 0, n_nodes = 0;
+    for (int64_t l = 0; l < n_layers; l++) {
+        node_off[l] = n_nodes;
+        n_nodes += sizes[l];
+        if (is_small[l]) {
+            side_off[l] = ns;
+            ns += sizes[l];
+        } else {
+            side_off[l] = nl;
+            nl += sizes[l];
+        }
+    }
+    cx.side_off = side_off;
+    cx.ns = ns;
+    cx.nl = nl;
+    if (m < k || k < 1 || ns < m || degree < 1) return 0;
+
+    int64_t lwork = 64 * m + 64;
+    int64_t n_syevd_work = 1 + 6 * m + 2 * m * m, n_syevd_iwork = 3 + 5 * m;
+    size_t total = (size_t)(6 * m * ns + 2 * m * nl + 2 * m * m + 2 * m + 2 * ns + 2 * nl + lwork + n_syevd_work +
+                            2 * k * ns + k * nl);
+    REAL *mem = (REAL *)malloc(total * sizeof(REAL));
+    int *iwork = (int *)malloc((size_t)n_syevd_iwork * sizeof(int));
+    if (mem == NULL || iwork == NULL) {
+        free(mem);
+        free(iwork);
+        return -1;
+    }
+    REAL *zt = mem, *y = zt + m * ns, *y_prev = y + m * ns, *y_next = y_prev + m * ns, *tmp_s = y_next + m * ns;
+    REAL *q = tmp_s + m * ns, *tmp_l = q + m * ns, *bq = tmp_l + m * nl, *h = bq + m * nl, *ev = h + m * m;
+    REAL *theta = ev + m * m, *tau = theta + m, *inv_small = tau + m, *v0 = inv_small + ns, *inv_large = v0 + ns;
+    REAL *inv2_large = inv_large + nl, *work = inv2_large + nl, *syevd_work = work + lwork;
+    REAL *yk = syevd_work + n_syevd_work, *gz = yk + k * nl, *zp = gz + k * ns;
+
+    const REAL tiny = (sizeof(REAL) == sizeof(float)) ? (REAL)1.17549435e-38F : (REAL)2.2250738585072014e-308;
+    const double eps = (sizeof(REAL) == sizeof(float)) ? 1.1920928955078125e-07 : 2.220446049250313e-16;
+    int status = 0;
+
+    memcpy(zt, warm, (size_t)(m * ns) * sizeof(REAL));
+    memcpy(theta, theta_in, (size_t)m * sizeof(REAL));
+    if (previous != NULL) {
+        /* zt[:k] = 2 b - (b a^T) a with a = previous[:k], b = zt[:k] (_extrapolate_rows). */
+        FN(rm_gemm)(&cx, 'N', 'T', k, k, ns, (REAL)1, zt, ns, previous, ns, (REAL)0, h, k);
+        FN(rm_gemm)(&cx, 'N', 'N', k, ns, k, (REAL)-1, h, k, previous, ns, (REAL)2, zt, ns);
+    }
+    for (int64_t l = 0; l < n_layers; l++) {
+        const REAL *src_inv = inv + node_off[l], *src_sqrt = sqrt_d + node_off[l];
+        if (is_small[l]) {
+            memcpy(inv_small + side_off[l], src_inv, (size_t)sizes[l] * sizeof(REAL));
+            memcpy(v0 + side_off[l], src_sqrt, (size_t)sizes[l] * sizeof(REAL));
+        } else {
+            memcpy(inv_large + side_off[l], src_inv, (size_t)sizes[l] * sizeof(REAL));
+            for (int64_t c = 0; c < sizes[l]; c++) inv2_large[side_off[l] + c] = src_inv[c] * src_inv[c];
+        }
+    }
+    {
+        double acc = 0.0;
+        for (int64_t c = 0; c < ns; c++) acc += (double)v0[c] * (double)v0[c];
+        REAL nrm = (REAL)sqrt(acc);
+        if (nrm < tiny) nrm = tiny;
+        for (int64_t c = 0; c < ns; c++) v0[c] = v0[c] / nrm;
+    }
+
+    int64_t it = 0, converged = 0;
+    double worst = 0.0, sigma2_k = 0.0, n_zero = 0.0;
+    for (it = 0; it < (max_iter > 1 ? max_iter : 1); it++) {
+        /* Chebyshev filter damping [0, cut], normalized recurrence. */
+        double cut = smallest > 1e-4 ? smallest : 1e-4;
+        if (cut > 1.0 - 1e-7) cut = 1.0 - 1e-7;
+        double e = cut / 2.0, c = cut / 2.0, t0 = (1.0 - c) / e;
+        double rho_prev = 1.0, rho = t0;
+        FN(gram)(&cx, zt, m, inv_small, inv2_large, tmp_s, tmp_l, y);
+        {
+            REAL rc = (REAL)c, sc = (REAL)(1.0 / (e * t0));
+            for (int64_t i = 0; i < m * ns; i++) y[i] = (y[i] - zt[i] * rc) * sc;
+        }
+        const REAL *yp = zt;
+        for (int64_t d = 1; d < degree; d++) {
+            double rho_next = 2.0 * t0 * rho - rho_prev;
+            FN(gram)(&cx, y, m, inv_small, inv2_large, tmp_s, tmp_l, y_next);
+            REAL rc = (REAL)c, s1 = (REAL)(2.0 * rho / (e * rho_next)), s2 = (REAL)(rho_prev / rho_next);
+            for (int64_t i = 0; i < m * ns; i++) y_next[i] = (y_next[i] - y[i] * rc) * s1 - yp[i] * s2;
+            /* rotate: y_prev <- y, y <- y_next */
+            memcpy(y_prev, y, (size_t)(m * ns) * sizeof(REAL));
+            memcpy(y, y_next, (size_t)(m * ns) * sizeof(REAL));
+            yp = y_prev;
+            rho_prev = rho;
+            rho = rho_next;
+        }
+        memcpy(y, v0, (size_t)ns * sizeof(REAL)); /* the exact top eigenvector replaces row 0 */
+        memcpy(q, y, (size_t)(m * ns) * sizeof(REAL));
+        if ((status = FN(orthonormal_rows)(&cx, q, m, ns, tau, work, lwork)) != 0) goto done;
+        FN(half_rows)(&cx, q, m, 1, inv_small, inv_large, tmp_s, bq);
+        /* Rayleigh-Ritz: eigh of bq bq^T (syevd reads the lower triangle, as torch.linalg.eigh). */
+        FN(rm_gemm)(&cx, 'N', 'T', m, m, nl, (REAL)1, bq, nl, bq, nl, (REAL)0, h, m);
+        {
+            char jobz = 'V', uplo = 'L';
+            int im = (int)m, ilw = (int)n_syevd_work, iliw = (int)n_syevd_iwork, info = 0;
+            REAL *w_asc = tau; /* scratch of length m */
+            cx.syevd(&jobz, &uplo, &im, h, &im, w_asc, syevd_work, &ilw, iwork, &iliw, &info);
+            if (info != 0) {
+                status = -2;
+                goto done;
+            }
+            /* Column-major eigenvectors: column i (= row i of h's memory) is eigenvector i. Flip to descending. */
+            for (int64_t i = 0; i < m; i++) {
+                theta[i] = w_asc[m - 1 - i];
+                memcpy(ev + i * m, h + (m - 1 - i) * m, (size_t)m * sizeof(REAL));
+            }
+        }
+        FN(rm_gemm)(&cx, 'N', 'N', m, ns, m, (REAL)1, ev, m, q, ns, (REAL)0, zt, ns); /* all m Ritz vectors */
+        FN(rm_gemm)(&cx, 'N', 'N', k, nl, m, (REAL)1, ev, m, bq, nl, (REAL)0, yk, nl); /* B z, wanted ones */
+        FN(half_rows)(&cx, yk, k, 0, inv_small, inv_large, tmp_l, gz);                 /* G z */
+        /* Polish: one power step on the k wanted vectors, keeping each vector's sign. */
+        memcpy(zp, gz, (size_t)(k * ns) * sizeof(REAL));
+        if ((status = FN(orthonormal_rows)(&cx, zp, k, ns, tau, work, lwork)) != 0) goto done;
+        for (int64_t i = 0; i < k; i++) {
+            double ov = 0.0;
+            for (int64_t c = 0; c < ns; c++) ov += (double)zp[i * ns + c] * (double)zt[i * ns + c];
+            if (signbit(ov))
+                for (int64_t c = 0; c < ns; c++) zp[i * ns + c] = -zp[i * ns + c];
+        }
+        FN(half_rows)(&cx, zp, k, 1, inv_small, inv_large, tmp_s, yk);
+        FN(half_rows)(&cx, yk, k, 0, inv_small, inv_large, tmp_l, gz);
+        worst = 0.0;
+        sigma2_k = INFINITY;
+        n_zero = 0.0;
+        for (int64_t i = 0; i < k; i++) {
+            double s2 = 0.0, r2 = 0.0;
+            for (int64_t c = 0; c < nl; c++) s2 += (double)yk[i * nl + c] * (double)yk[i * nl + c];
+            REAL s2r = (REAL)s2;
+            for (int64_t c = 0; c < ns; c++) {
+                double d = (double)(gz[i * ns + c] - s2r * zp[i * ns + c]);
+                r2 += d * d;
+            }
+            sigma2_out[i] = s2r;
+            res_out[i] = (REAL)sqrt(r2);
+            double r = (double)res_out[i];
+            if (!(r <= worst)) worst = r; /* NaN propagates */
+            if (s2r < sigma2_k) sigma2_k = s2r;
+            if ((double)s2r >= zero_sigma2) n_zero += 1.0;
+        }
+        smallest = (double)theta[m - 1];
+        if (!isfinite(worst)) {
+            status = 0;
+            goto done_fail;
+        }
+        if (worst <= tol) {
+            converged = 1;
+            break;
+        }
+    }
+    if (!converged || sigma2_k <= 1e3 * eps) goto done_fail;
+    {
+        const REAL r2 = (REAL)(1.0 / sqrt(2.0));
+        int64_t n_nodes_total = n_nodes;
+        for (int64_t i = 0; i < k; i++) {
+            REAL sg = (REAL)sqrt((double)sigma2_out[i]);
+            if (sg < tiny) sg = tiny;
+            REAL inv_sg = (REAL)1 / sg;
+            REAL *xr = x_rows + i * n_nodes_total, *mr = mx_rows + i * n_nodes_total;
+            for (int64_t l = 0; l < n_layers; l++) {
+                int64_t a = node_off[l], o = side_off[l];
+                if (is_small[l]) {
+                    for (int64_t c = 0; c < sizes[l]; c++) {
+                        xr[a + c] = zp[i * ns + o + c] * r2;
+                        mr[a + c] = (gz[i * ns + o + c] * inv_sg) * r2;
+                    }
+                } else {
+                    for (int64_t c = 0; c < sizes[l]; c++) {
+                        xr[a + c] = (yk[i * nl + o + c] * inv_sg) * r2;
+                        mr[a + c] = yk[i * nl + o + c] * r2;
+                    }
+                }
+            }
+        }
+        memcpy(zt_out, zt, (size_t)(m * ns) * sizeof(REAL));
+        memcpy(theta_out, theta, (size_t)m * sizeof(REAL));
+        stats[0] = worst;
+        stats[1] = sigma2_k;
+        stats[2] = smallest;
+        stats[3] = n_zero;
+        status = (int)(it + 1);
+        goto done;
+    }
+done_fail:
+    status = 0;
+done:
+    free(mem);
+    free(iwork);
+    return status;
+}
+
+#undef FN
+#undef CAT
+#undef CAT2
