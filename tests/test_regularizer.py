@@ -329,6 +329,9 @@ def test_extrapolation_pauses_while_it_costs_iterations():
     extrapolated = []
 
     class RecordingGram:
+        def native_ok(self, blocks, warm):
+            return False
+
         def step(self, blocks, inv, sqrt_d, warm, k, *args, previous=None, **kwargs):
             extrapolated.append(previous is not None)
             res = EigResult(eigenvalues=warm.ritz_values[:k], eigenvectors=torch.zeros(0), block=warm.block,
@@ -340,7 +343,7 @@ def test_extrapolation_pauses_while_it_costs_iterations():
     reg._previous_block = reg.last_result.block
     states = []
     for _ in range(22):
-        reg._lean_step(None, None, None, torch.float64)
+        reg._lean_step(None, torch.ones(sum(reg.layer_sizes)), torch.ones(sum(reg.layer_sizes)), torch.float64)
         state = reg.state_dict()
         states.append((state["extrapolate_pause"], state["extrapolate_backoff"]))
     assert extrapolated == ([True] + [False] * 4 + [True] + [False] * 8 + [True, True, True] + [False] * 4

@@ -114,8 +114,12 @@ static int FN(orthonormal_rows)(const FN(chain_ctx) *cx, REAL *t, int64_t rows, 
  * Inputs: warm (m x ns) and theta (m, descending) of the last solve; previous (m x ns) or NULL;
  * inv, sqrt_d (node order, length N). Outputs: x_rows, mx_rows (k x N, node order), zt_out (m x ns),
  * theta_out (m), res_out, sigma2_out (k), stats = {worst residual, min sigma2, smallest Ritz value,
- * number of sigma2 >= zero_sigma2}. */
-int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, int64_t n_layers, const int64_t *sizes,
+ * number of sigma2 >= zero_sigma2}.
+ *
+ * set_local_threads (MKL's MKL_Set_Num_Threads_Local, or NULL): the step runs its BLAS/LAPACK calls
+ * on one thread (restored on return), so that its result does not depend on the calling thread's
+ * thread count; a step's products are too skinny to gain from more (measured). */
+int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *set_local_threads, int64_t n_layers, const int64_t *sizes,
                       const int64_t *block_addrs, const int64_t *is_small, const REAL *inv, const REAL *sqrt_d,
                       const REAL *warm, const REAL *theta_in, const REAL *previous, int64_t m, int64_t k, int64_t degree,
                       double tol, int64_t max_iter, double zero_sigma2, double smallest, REAL *x_rows, REAL *mx_rows,
@@ -146,6 +150,8 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, int64_t
     cx.ns = ns;
     cx.nl = nl;
     if (m < k || k < 1 || ns < m || degree < 1) return 0;
+    typedef int (*set_threads_fn)(int);
+    int threads_before = set_local_threads != NULL ? ((set_threads_fn)set_local_threads)(1) : 0;
 
     int64_t lwork = 64 * m + 64;
     int64_t n_syevd_work = 1 + 6 * m + 2 * m * m, n_syevd_iwork = 3 + 5 * m;
@@ -156,6 +162,7 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, int64_t
     if (mem == NULL || iwork == NULL) {
         free(mem);
         free(iwork);
+        if (set_local_threads != NULL) ((set_threads_fn)set_local_threads)(threads_before);
         return -1;
     }
     REAL *zt = mem, *y = zt + m * ns, *y_prev = y + m * ns, *y_next = y_prev + m * ns, *tmp_s = y_next + m * ns;
@@ -320,6 +327,7 @@ done_fail:
 done:
     free(mem);
     free(iwork);
+    if (set_local_threads != NULL) ((set_threads_fn)set_local_threads)(threads_before);
     return status;
 }
 

@@ -10,7 +10,6 @@ import ctypes
 import functools
 import importlib.machinery
 from pathlib import Path
-import sys
 from typing import Optional, Tuple
 
 import torch
@@ -24,10 +23,11 @@ _SIGNATURES = {
                             _F64, _PTR],
     # spectral.kmeans
     "tm_kmeans": [_I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _F64, _I64, _PTR, _PTR, _PTR],
-    # regularizer._ChainGram.step (float32 / float64): four BLAS/LAPACK function pointers, then the step's arrays
-    "tm_chain_step_f32": [_PTR] * 4 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
+    # regularizer._ChainGram.step (float32 / float64): four BLAS/LAPACK function pointers and MKL's
+    # mkl_set_num_threads_local (or NULL), then the step's arrays
+    "tm_chain_step_f32": [_PTR] * 5 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
                                        _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
-    "tm_chain_step_f64": [_PTR] * 4 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
+    "tm_chain_step_f64": [_PTR] * 5 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
                                        _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
 }
 
@@ -60,6 +60,29 @@ def available() -> bool:
     return kernels() is not None
 
 
+def _torch_cpu_library() -> Optional[ctypes.CDLL]:
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = lib_dir / name
+        if path.is_file():
+            try:
+                return ctypes.CDLL(str(path))  # already loaded by torch: the same handle
+            except OSError:
+                return None
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def mkl_set_num_threads_local() -> Optional[int]:
+    """Address of MKL's C-interface ``MKL_Set_Num_Threads_Local(int)`` in ``libtorch_cpu`` (the lower-case
+    symbol is the Fortran one, taking a pointer), or ``None``. Memoized."""
+    lib = _torch_cpu_library()
+    try:
+        return ctypes.cast(lib.MKL_Set_Num_Threads_Local, ctypes.c_void_p).value if lib is not None else None
+    except AttributeError:
+        return None
+
+
 @functools.lru_cache(maxsize=2)
 def blas_lapack(prefix: str) -> Optional[Tuple[int, int, int, int]]:
     """Addresses of ``{prefix}gemm_``, ``{prefix}syevd_``, ``{prefix}geqrf_``, ``{prefix}orgqr_``
@@ -70,16 +93,11 @@ def blas_lapack(prefix: str) -> Optional[Tuple[int, int, int, int]]:
     arithmetic as the torch ops it replaces. Builds that do not export them (e.g. macOS with
     Accelerate) get ``None`` and the torch version runs. Memoized.
     """
-    lib_dir = Path(torch.__file__).resolve().parent / "lib"
-    names = ["libtorch_cpu.so", "libtorch_cpu.dylib"] if sys.platform != "win32" else []
-    for name in names:
-        path = lib_dir / name
-        if not path.is_file():
-            continue
-        try:
-            lib = ctypes.CDLL(str(path))  # already loaded by torch: the same handle
-            return tuple(ctypes.cast(getattr(lib, f"{prefix}{routine}_"), ctypes.c_void_p).value
-                         for routine in ("gemm", "syevd", "geqrf", "orgqr"))
-        except (OSError, AttributeError):
-            return None
-    return None
+    lib = _torch_cpu_library()
+    if lib is None:
+        return None
+    try:
+        return tuple(ctypes.cast(getattr(lib, f"{prefix}{routine}_"), ctypes.c_void_p).value
+                     for routine in ("gemm", "syevd", "geqrf", "orgqr"))
+    except AttributeError:
+        return None

@@ -50,8 +50,10 @@ are reproduced by ``weight = 0.5 * cluster_lambda / num_cluster_eigs = 0.05 / 3 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -455,7 +457,7 @@ class _ChainGram:
         stats = torch.zeros(4, dtype=torch.float64)
         cached = self._next_cut
         smallest = cached[1] if cached is not None and cached[0] is warm.ritz_values else float(theta[m - 1])
-        status = fn(*fns, len(self.sizes), sizes_t.data_ptr(), addrs.data_ptr(), small_t.data_ptr(),
+        status = fn(*fns, _native.mkl_set_num_threads_local(), len(self.sizes), sizes_t.data_ptr(), addrs.data_ptr(), small_t.data_ptr(),
                     inv_all.data_ptr(), sqrt_all.data_ptr(), zt.data_ptr(), theta.data_ptr(),
                     prev.data_ptr() if prev is not None else None, m, k, degree, float(tol), max(1, max_iter),
                     (1.0 - zero_tol) ** 2, float(smallest), x_rows.data_ptr(), mx_rows.data_ptr(), zt_out.data_ptr(),
@@ -712,6 +714,7 @@ class SpectralRegularizer:
         seed: int = 0,
         solver_dtype: Optional[torch.dtype] = None,
         backend: str = "auto",
+        overlap: Optional[bool] = None,
         example_input: Any = None,
         kernel_norm: str = "l1",
         fold_batchnorm: bool = True,
@@ -788,6 +791,7 @@ class SpectralRegularizer:
         self.seed = int(seed)
         self.solver_dtype = solver_dtype
         self.backend = backend
+        self.overlap = overlap
         self.normalize_relu = bool(normalize_relu)
         self.steps = 0
         self.n_isolated = n_iso
@@ -810,6 +814,10 @@ class SpectralRegularizer:
         self._abs_cache: Optional[List[torch.Tensor]] = None
         self._sign_scratch: Optional[List[torch.Tensor]] = None
         self._polish = True
+        # The solve started by the forward pre-hook on the worker thread (see _start_prefetch).
+        self._prefetch: Optional[Dict[str, Any]] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._prefetch_hook = None
         if self.normalize_relu:
             _check_homogeneous(module, self._chain)
 
@@ -818,13 +826,32 @@ class SpectralRegularizer:
                     normalize_relu_(mod)
 
             self._hook = module.register_forward_pre_hook(_pre_hook)
+        if self._chain and overlap is not False and backend != "torch":
+            # Registered after the normalize_relu hook: it sees the rescaled weights. A weak
+            # reference, so that the model's hook does not keep the regularizer alive.
+            this = weakref.ref(self)
+
+            def _prefetch_pre_hook(mod, args):
+                reg = this()
+                if reg is not None and mod.training and torch.is_grad_enabled():
+                    reg._start_prefetch()
+
+            self._prefetch_hook = module.register_forward_pre_hook(_prefetch_pre_hook)
 
     # ------------------------------------------------------------------ helpers
     def remove(self) -> None:
-        """Detach the ``normalize_relu`` forward pre-hook from the model (no-op without one)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        """Detach the regularizer's forward pre-hooks from the model (``normalize_relu``'s and the
+        one that starts the solve early, see ``overlap``) and stop its worker thread. The penalty
+        still works after it, without the overlap. Calling it again is a no-op."""
+        for attr in ("_hook", "_prefetch_hook"):
+            handle = getattr(self, attr)
+            if handle is not None:
+                handle.remove()
+                setattr(self, attr, None)
+        self._drop_prefetch()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def _penalty_pending(self) -> bool:
         """A penalty was computed and its graph (holding the weights) still awaits backward."""
@@ -983,26 +1010,19 @@ class SpectralRegularizer:
         ws = self._weights()
         device = ws[0].device
         cdtype = self._compute_dtype(ws)
-        n_layers = len(self.layer_sizes)
+        prefetched = self._collect_prefetch(ws)
         with torch.no_grad():
-            blocks = self._abs_blocks(ws, device, cdtype)
-            deg: List[Optional[torch.Tensor]] = [None] * n_layers
-            for l, a in enumerate(blocks):
-                for layer, part in ((l + 1, a.sum(dim=1)), (l, a.sum(dim=0))):
-                    deg[layer] = part if deg[layer] is None else deg[layer] + part
-            flat = torch.cat(deg)
-            # One host-device synchronisation for both checks.
-            total_degree, n_isolated = torch.stack([flat.sum(), (flat <= 0).sum().to(flat.dtype)]).tolist()
-            if not math.isfinite(total_degree):
-                self._check_finite()  # raises, naming the parameter
-            # Once over all layers, then per-layer views.
-            inv_all = _safe_rsqrt(flat)
-            sqrt_all = flat.clamp_min(0).sqrt()
-            inv = list(inv_all.split(self.layer_sizes))
-            sqrt_d = list(sqrt_all.split(self.layer_sizes))
+            if prefetched is not None:
+                prepared, lean_out, previous = prefetched
+            else:
+                prepared = self._prepare(ws, device, cdtype)
+            blocks, deg, inv_all, sqrt_all, n_isolated = prepared
             mx = None
             if self._vectors is None or self.steps % self.every == 0:
-                lean = self._lean_step(blocks, inv, sqrt_d, cdtype, int(n_isolated), inv_all, sqrt_all)
+                if prefetched is not None:
+                    lean = self._lean_commit(lean_out, previous, blocks)
+                else:
+                    lean = self._lean_step(blocks, inv_all, sqrt_all, cdtype, n_isolated)
                 if lean is not None:
                     res, self._vectors, mx = lean
                 else:
@@ -1023,8 +1043,25 @@ class SpectralRegularizer:
         self._eigs = (1.0 - q.detach()).sort().values[1:]
         return total * self.weight
 
-    def _lean_step(self, blocks, inv, sqrt_d, cdtype, num_isolated: int = 0, inv_all=None, sqrt_all=None):
-        """The warm per-step solve on a chain (:class:`_ChainGram`), or ``None`` to use :meth:`_solve`."""
+    def _prepare(self, ws: Sequence[torch.Tensor], device, cdtype: torch.dtype):
+        """``|W|`` blocks, node degrees (per layer), ``D^-1/2`` and ``D^1/2`` over all nodes, and the
+        number of isolated nodes, for the chain path; raises on non-finite weights."""
+        blocks = self._abs_blocks(ws, device, cdtype)
+        deg: List[Optional[torch.Tensor]] = [None] * len(self.layer_sizes)
+        for l, a in enumerate(blocks):
+            for layer, part in ((l + 1, a.sum(dim=1)), (l, a.sum(dim=0))):
+                deg[layer] = part if deg[layer] is None else deg[layer] + part
+        flat = torch.cat(deg)
+        # One host-device synchronisation for both checks.
+        total_degree, n_isolated = torch.stack([flat.sum(), (flat <= 0).sum().to(flat.dtype)]).tolist()
+        if not math.isfinite(total_degree):
+            self._check_finite()  # raises, naming the parameter
+        # Once over all layers (the solver and the HF loss take per-layer views).
+        return blocks, deg, _safe_rsqrt(flat), flat.clamp_min(0).sqrt(), int(n_isolated)
+
+    def _lean_plan(self, blocks, inv_all, sqrt_all, cdtype, num_isolated: int):
+        """``(solver, args, previous)`` of the warm per-step solve on a chain, or ``None`` (cold
+        start, or a solver dtype the lean step does not run): :meth:`_solve` then."""
         warm = self.last_result
         if (warm is None or warm.method != "gram" or warm.block.dim() != 2
                 or (self.solver_dtype is not None and self.solver_dtype != cdtype)):
@@ -1037,16 +1074,26 @@ class SpectralRegularizer:
         # pauses for 4, 8, ... 64 solves (doubling while it keeps failing) before trying again.
         previous = self._previous_block if self._extrapolate_pause == 0 else None
         gram = self._chain_gram
-        if (self.backend != "torch" and inv_all is not None and gram.native_ok(blocks, warm)):
-            out = gram.step_native(blocks, inv_all, sqrt_all, warm, self.k, self.degree, tol, self.max_iter,
-                                   num_isolated, self._zero_tol(cdtype), previous=previous)
-        else:
-            if self.backend == "native":
-                raise RuntimeError("backend='native': the compiled regularizer step is not available here (it needs "
-                                   "the compiled kernels, CPU float32/float64 weights and torch's BLAS/LAPACK "
-                                   "symbols); use backend='auto'")
-            out = gram.step(blocks, inv, sqrt_d, warm, self.k, self.degree, tol, self.max_iter,
-                            num_isolated, self._zero_tol(cdtype), previous=previous)
+        rest = (warm, self.k, self.degree, tol, self.max_iter, num_isolated, self._zero_tol(cdtype))
+        if self.backend != "torch" and gram.native_ok(blocks, warm):
+            return gram.step_native, (blocks, inv_all, sqrt_all) + rest, previous
+        if self.backend == "native":
+            raise RuntimeError("backend='native': the compiled regularizer step is not available here (it needs "
+                               "the compiled kernels, CPU float32/float64 weights and torch's BLAS/LAPACK "
+                               "symbols); use backend='auto'")
+        inv, sqrt_d = list(inv_all.split(self.layer_sizes)), list(sqrt_all.split(self.layer_sizes))
+        return gram.step, (blocks, inv, sqrt_d) + rest, previous
+
+    def _lean_step(self, blocks, inv_all, sqrt_all, cdtype, num_isolated: int = 0):
+        """The warm per-step solve on a chain (:class:`_ChainGram`), or ``None`` to use :meth:`_solve`."""
+        plan = self._lean_plan(blocks, inv_all, sqrt_all, cdtype, num_isolated)
+        if plan is None:
+            return None
+        solver, args, previous = plan
+        return self._lean_commit(solver(*args, previous=previous), previous, blocks)
+
+    def _lean_commit(self, out, previous, blocks):
+        """Adopt a lean step's output (``None``: it failed) as the current solve."""
         if out is None:
             return None
         res, xs, mx, n_zero = out
@@ -1057,10 +1104,78 @@ class SpectralRegularizer:
             self._extrapolate_pause = self._extrapolate_backoff
         else:
             self._extrapolate_backoff = 0
-        self._previous_block = warm.block
+        self._previous_block = self.last_result.block
         self.last_result = res
         self._report_connectivity(res, blocks, n_zero)
         return res, xs, mx
+
+    # ------------------------------------------------------------------ overlap
+    def _overlap_wanted(self, ws: Sequence[torch.Tensor]) -> bool:
+        if self.overlap is False or ws[0].device.type != "cpu":
+            return False
+        if self.overlap is None:
+            try:
+                cores = len(os.sched_getaffinity(0))
+            except AttributeError:  # not on Linux
+                cores = os.cpu_count() or 1
+            if torch.get_num_threads() >= cores:
+                return False  # no idle core: the solve would only compete with the forward
+        return True
+
+    def _start_prefetch(self) -> None:
+        """Forward pre-hook: launch this step's solve on the worker thread (chain path, CPU).
+
+        Called as the forward pass starts, when the weights are final for the step; the compiled
+        step runs without the GIL, next to the forward. Any problem (non-finite weights, a changed
+        model) skips it: ``reg()`` then does the work itself and raises where it must.
+        """
+        if self._prefetch is not None or self._penalty_pending():
+            return
+        if self._vectors is None or self.steps % self.every != 0 or self.backend == "torch":
+            return
+        warm = self.last_result
+        if warm is None or warm.method != "gram" or any(hasattr(lin, "weight_orig") for _, lin in self._chain):
+            return  # cold start; or a pruning reparametrization, whose weights are only derived in the forward
+        try:
+            ws = self._weights()
+            if not self._overlap_wanted(ws):
+                return
+            cdtype = self._compute_dtype(ws)
+            with torch.no_grad():
+                prepared = self._prepare(ws, ws[0].device, cdtype)
+                plan = self._lean_plan(prepared[0], prepared[2], prepared[3], cdtype, prepared[4])
+        except (ValueError, RuntimeError):
+            return
+        if plan is None or getattr(plan[0], "__func__", None) is not _ChainGram.step_native:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="SpectralRegularizer")
+        future = self._executor.submit(plan[0], *plan[1], previous=plan[2])
+        self._prefetch = dict(future=future, weights=[(w, w._version) for w in ws], warm=warm, steps=self.steps,
+                              prepared=prepared, previous=plan[2])
+
+    def _collect_prefetch(self, ws: Sequence[torch.Tensor]):
+        """``(prepared, lean output, previous)`` of the solve started by the forward pre-hook, if it
+        ran on exactly these weights (same tensors, unchanged since) from the current warm state;
+        else ``None`` and the call computes everything itself."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is None:
+            return None
+        try:
+            out = pre["future"].result()  # always waited for: it reads the |W| buffers
+        except Exception:  # noqa: BLE001 - recomputed in the caller's thread, which raises if it must
+            return None
+        same = (len(ws) == len(pre["weights"])
+                and all(w is w0 and w._version == v0 for w, (w0, v0) in zip(ws, pre["weights"])))
+        if not same or pre["warm"] is not self.last_result or pre["steps"] != self.steps or self._penalty_pending():
+            return None
+        return pre["prepared"], out, pre["previous"]
+
+    def _drop_prefetch(self) -> None:
+        """Forget a started solve (after waiting for it: it reads the |W| buffers)."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is not None:
+            wait([pre["future"]])
 
     def _graph_call(self) -> torch.Tensor:
         """The penalty of a CNN/DAG graph: the same HF loss, differentiated by autograd."""
@@ -1149,6 +1264,7 @@ class SpectralRegularizer:
         if int(state["n_eigs"]) != self.n_eigs:
             raise ValueError(f"state_dict is for n_eigs={state['n_eigs']}, this regularizer has n_eigs={self.n_eigs}")
         device = next(p for _, p in self._graph_params()).device
+        self._drop_prefetch()
         self.steps = int(state["steps"])
         self.n_isolated = int(state.get("n_isolated", 0))
         self.n_components = state.get("n_components")
