@@ -133,7 +133,7 @@ def bench(args) -> Dict:
         if name == "ours":
             reg = SpectralRegularizer(model, n_eigs=args.n_eigs, weight=args.weight, every=args.every,
                                       degree=args.degree, tol=args.tol, solver_dtype=solver_dtype,
-                                      block_size=args.block_size)
+                                      block_size=args.block_size, overlap=args.overlap)
         variants[name] = dict(model=model, opt=opt, reg=reg, times=[])
 
     def step(v, xb, yb):
@@ -244,6 +244,7 @@ def main() -> None:
     p.add_argument("--grad-checks", type=int, default=5)
     p.add_argument("--grad-gap", type=int, default=10, help="training steps between gradient checks")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--overlap", action="store_true", help="SpectralRegularizer(overlap=True)")
     p.add_argument("--device", default="cpu", help="where the model and data live, e.g. cuda")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()

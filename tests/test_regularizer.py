@@ -498,6 +498,191 @@ def test_normalize_relu_option_runs_before_each_training_forward():
     assert not torch.allclose(torch.sqrt((lin.weight ** 2).sum(1) + lin.bias ** 2), norms)
 
 
+# ----------------------------------------------------------------------------- compiled kernels, overlap
+def _oracle_grads(model, n_eigs, scale=1.0):
+    ws = [lin.weight.detach().clone().requires_grad_(True) for lin in _linears(model)]
+    return [scale * g for g in torch.autograd.grad(_dense_sum(ws, n_eigs), ws)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_prepare_matches_torch_prepare(dtype):
+    """|W|, degrees, D^-1/2, D^1/2 and the isolated count from the compiled pass equal the torch ops'."""
+    if not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
+    model = _mlp([30, 24, 20, 6], seed=7, dtype=dtype)
+    with torch.no_grad():
+        _linears(model)[1].weight[3].zero_()  # unit 3 of layer 2 keeps only its incoming edges
+        _linears(model)[2].weight[:, 5].zero_()
+        _linears(model)[1].weight[5].zero_()  # unit 5 of layer 2: no edge at all (isolated)
+    ws = [w.detach() for w in SpectralRegularizer(model, n_eigs=3)._weights()]
+    native = SpectralRegularizer(model, n_eigs=3, backend="native")._prepare(ws, ws[0].device, dtype)
+    ref = SpectralRegularizer(model, n_eigs=3, backend="torch")._prepare(ws, ws[0].device, dtype)
+    for a, b in zip(native[0], ref[0]):
+        assert torch.equal(a, b)  # |W| is exact
+    tol = dict(rtol=1e-13, atol=0) if dtype == torch.float64 else dict(rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.cat(native[1]), torch.cat(ref[1]), **tol)
+    torch.testing.assert_close(native[2], ref[2], **tol)
+    torch.testing.assert_close(native[3], ref[3], **tol)
+    assert native[4] == ref[4] == 1
+
+
+def _regularized_steps(model, reg, steps, x, opt_lr=0.05, before=None):
+    opt = torch.optim.SGD(model.parameters(), lr=opt_lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        if before is not None:
+            before()
+        (out.square().mean() + reg()).backward()
+        opt.step()
+    return [lin.weight.detach().clone() for lin in _linears(model)]
+
+
+def test_overlap_trains_exactly_like_the_synchronous_path(planted_weights):
+    """overlap=True: the work started in the forward pre-hook is used at every step, and the
+    weights follow the synchronous run's to rounding; each gradient matches dense eigh."""
+    if not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
+    x = torch.randn(16, SIZES[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a, b = _planted_mlp(planted_weights, SIZES, k=3, seed=4), _planted_mlp(planted_weights, SIZES, k=3, seed=4)
+    reg_a = SpectralRegularizer(a, n_eigs=3, weight=0.5, tol=1e-12, overlap=True)
+    reg_b = SpectralRegularizer(b, n_eigs=3, weight=0.5, tol=1e-12)
+    used = []
+    collect = reg_a._collect_prefetch
+    reg_a._collect_prefetch = lambda ws: used.append(collect(ws)) or used[-1]
+    wa = _regularized_steps(a, reg_a, 6, x)
+    wb = _regularized_steps(b, reg_b, 6, x)
+    for p, q in zip(wa, wb):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert sum(u is not None for u in used) == 5  # every step but the cold first one
+    # one more step, checked against the oracle
+    opt = torch.optim.SGD(a.parameters(), lr=0.0)
+    opt.zero_grad()
+    a(x)
+    reg_a().backward()
+    assert used[-1] is not None and used[-1][3] is not None  # gradients computed ahead were used
+    assert _rel([lin.weight.grad for lin in _linears(a)], _oracle_grads(a, 3, 0.5)) < 1e-9
+    reg_a.remove()
+
+
+def test_overlap_discards_work_on_changed_weights_and_other_cotangents(planted_weights):
+    """Weights changed between the forward and reg(), a scaled penalty, reg() before the
+    forward, eval-mode forwards: the results stay exact (the early work is discarded or not started)."""
+    if not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
+    model = _planted_mlp(planted_weights, SIZES, k=3, seed=6)
+    reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, tol=1e-12, overlap=True)
+    x = torch.randn(8, SIZES[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _regularized_steps(model, reg, 2, x)  # warm
+    collect = reg._collect_prefetch
+    used = []
+    reg._collect_prefetch = lambda ws: used.append(collect(ws)) or used[-1]
+
+    def grads_after(fn):
+        for lin in _linears(model):
+            lin.weight.grad = None
+        fn()
+        return [lin.weight.grad for lin in _linears(model)]
+
+    # 1. weights modified in place after the forward
+    def changed():
+        model(x)
+        with torch.no_grad():
+            _linears(model)[1].weight.mul_(1.3)
+        reg().backward()
+    g = grads_after(changed)
+    assert used[-1] is None and _rel(g, _oracle_grads(model, 3)) < 1e-9
+    # 2. a scaled penalty: the cotangent is not the one the gradients were computed for
+    def scaled():
+        model(x)
+        (2.5 * reg()).backward()
+    g = grads_after(scaled)
+    assert used[-1] is not None and _rel(g, _oracle_grads(model, 3, 2.5)) < 1e-9
+    # 3. reg() before the forward: the hook sees a pending penalty and starts nothing
+    def reg_first():
+        penalty = reg()
+        model(x)
+        assert reg._prefetch is None
+        penalty.backward()
+    g = grads_after(reg_first)
+    assert _rel(g, _oracle_grads(model, 3)) < 1e-9
+    # 4. eval-mode and no-grad forwards start nothing
+    model.eval()
+    model(x)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert reg._prefetch is None
+
+
+def test_overlap_with_non_finite_weights_raises_at_the_penalty():
+    if not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
+    model = _mlp([12, 10, 8, 4], seed=2)
+    reg = SpectralRegularizer(model, n_eigs=3, overlap=True)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    _regularized_steps(model, reg, 2, x)
+    with torch.no_grad():
+        _linears(model)[2].weight[0, 0] = float("nan")
+    model(x)  # the hook must not raise inside the forward
+    with pytest.raises(ValueError, match=r"'4\.weight'"):
+        reg()
+
+
+def test_overlap_hook_removal_normal_repeated_and_after_error():
+    """remove() detaches the hooks (normal, repeated, after a failed penalty); the penalty still works."""
+    model = _mlp([12, 10, 8, 4], seed=3)
+    n_hooks = len(model._forward_pre_hooks)
+    reg = SpectralRegularizer(model, n_eigs=3, overlap=True, normalize_relu=True)
+    assert len(model._forward_pre_hooks) == n_hooks + 2
+    x = torch.randn(4, 12, dtype=torch.float64)
+    _regularized_steps(model, reg, 2, x)
+    model(x)  # leaves a started job behind
+    reg.remove()
+    assert len(model._forward_pre_hooks) == n_hooks and reg._prefetch is None and reg._executor is None
+    reg.remove()  # repeated: no-op
+    model(x)
+    assert reg._prefetch is None
+    for lin in _linears(model):
+        lin.weight.grad = None
+    value = reg()
+    value.backward()
+    assert _rel([lin.weight.grad for lin in _linears(model)], _oracle_grads(model, 3, reg.weight)) < 1e-6
+    # after an error: non-finite weights make reg() raise; remove() still cleans up
+    reg2 = SpectralRegularizer(model, n_eigs=3, overlap=True)
+    with torch.no_grad():
+        _linears(model)[0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        reg2()
+    reg2.remove()
+    assert len(model._forward_pre_hooks) == n_hooks
+
+
+def test_overlap_skips_pruned_models():
+    """Under torch.nn.utils.prune the weights are derived in the forward: nothing is started early,
+    and the penalty stays exact."""
+    import torch.nn.utils.prune as prune
+
+    if not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
+    model = _mlp([12, 10, 8, 4], seed=5)
+    prune.l1_unstructured(_linears(model)[1], "weight", amount=0.3)
+    reg = SpectralRegularizer(model, n_eigs=3, weight=1.0, overlap=True, tol=1e-12)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    _regularized_steps(model, reg, 2, x)
+    model(x)
+    assert reg._prefetch is None
+    for lin in _linears(model):
+        getattr(lin, "weight_orig", lin.weight).grad = None
+    reg().backward()
+    ws = [lin.weight.detach().clone().requires_grad_(True) for lin in _linears(model)]
+    ref = torch.autograd.grad(_dense_sum(ws, 3), ws)
+    got = [lin.weight_orig.grad * lin.weight_mask if hasattr(lin, "weight_orig") else lin.weight.grad
+           for lin in _linears(model)]
+    assert _rel(got, [r * (lin.weight_mask if hasattr(lin, "weight_mask") else 1) for r, lin in
+                      zip(ref, _linears(model))]) < 1e-8
+
+
 # ----------------------------------------------------------------------------- state, RNG, device
 def _train(model, reg, steps, seed):
     gen = torch.Generator().manual_seed(seed)

@@ -67,11 +67,17 @@ static void FN(raw)(const FN(chain_ctx) *cx, int64_t rows, const REAL *src, int6
     }
 }
 
-static void FN(scale_rows)(REAL *t, int64_t rows, int64_t n, const REAL *s) {
+TM_CHAIN_CLONES static void FN(scale_rows)(REAL *t, int64_t rows, int64_t n, const REAL *s) {
     for (int64_t i = 0; i < rows; i++) {
         REAL *r = t + i * n;
         for (int64_t c = 0; c < n; c++) r[c] *= s[c];
     }
+}
+
+/* tmp = t * s (each row scaled elementwise by s). */
+TM_CHAIN_CLONES static void FN(scaled_rows)(REAL *tmp, const REAL *t, int64_t rows, int64_t n, const REAL *s) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t c = 0; c < n; c++) tmp[i * n + c] = t[i * n + c] * s[c];
 }
 
 /* B t (to_large) or B^T t for rows t of the other side (_ChainGram._half_rows); tmp: rows x width of t. */
@@ -79,8 +85,7 @@ static void FN(half_rows)(const FN(chain_ctx) *cx, const REAL *t, int64_t rows, 
                           const REAL *inv_large, REAL *tmp, REAL *out) {
     int64_t n_src = to_large ? cx->ns : cx->nl, n_dst = to_large ? cx->nl : cx->ns;
     const REAL *inv_src = to_large ? inv_small : inv_large, *inv_dst = to_large ? inv_large : inv_small;
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t c = 0; c < n_src; c++) tmp[i * n_src + c] = t[i * n_src + c] * inv_src[c];
+    FN(scaled_rows)(tmp, t, rows, n_src, inv_src);
     FN(raw)(cx, rows, tmp, n_src, !to_large, out, n_dst);
     FN(scale_rows)(out, rows, n_dst, inv_dst);
 }
@@ -88,8 +93,7 @@ static void FN(half_rows)(const FN(chain_ctx) *cx, const REAL *t, int64_t rows, 
 /* G z = S_small A^T S_large^2 A S_small z for rows zt (_ChainGram._gram). */
 static void FN(gram)(const FN(chain_ctx) *cx, const REAL *zt, int64_t rows, const REAL *inv_small, const REAL *inv2_large,
                      REAL *tmp_small, REAL *tmp_large, REAL *out) {
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t c = 0; c < cx->ns; c++) tmp_small[i * cx->ns + c] = zt[i * cx->ns + c] * inv_small[c];
+    FN(scaled_rows)(tmp_small, zt, rows, cx->ns, inv_small);
     FN(raw)(cx, rows, tmp_small, cx->ns, 0, tmp_large, cx->nl);
     FN(scale_rows)(tmp_large, rows, cx->nl, inv2_large);
     FN(raw)(cx, rows, tmp_large, cx->nl, 1, out, cx->ns);
@@ -107,6 +111,22 @@ static int FN(orthonormal_rows)(const FN(chain_ctx) *cx, REAL *t, int64_t rows, 
     return info != 0 ? -2 : 0;
 }
 
+/* One 64-byte aligned allocation carved into n arrays of lens[i] elements (each starting 64-byte aligned);
+ * NULL when out of memory. Free with tm_aligned_free. */
+static REAL *FN(aligned_arrays)(const int64_t *lens, int n, REAL **out) {
+    const int64_t per_line = 64 / (int64_t)sizeof(REAL);
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += (lens[i] + per_line - 1) / per_line * per_line;
+    REAL *mem = (REAL *)tm_aligned_alloc((size_t)(total > 0 ? total : per_line) * sizeof(REAL));
+    if (mem == NULL) return NULL;
+    int64_t off = 0;
+    for (int i = 0; i < n; i++) {
+        out[i] = mem + off;
+        off += (lens[i] + per_line - 1) / per_line * per_line;
+    }
+    return mem;
+}
+
 /* Returns the number of iterations (>= 1) on success; 0 when the step cannot be trusted (non-finite
  * values, no convergence within max_iter, a vanishing sigma_k: the caller falls back); -1 when out
  * of memory; -2 on a LAPACK error.
@@ -116,9 +136,9 @@ static int FN(orthonormal_rows)(const FN(chain_ctx) *cx, REAL *t, int64_t rows, 
  * theta_out (m), res_out, sigma2_out (k), stats = {worst residual, min sigma2, smallest Ritz value,
  * number of sigma2 >= zero_sigma2}.
  *
- * set_local_threads (MKL's MKL_Set_Num_Threads_Local, or NULL): the step runs its BLAS/LAPACK calls
- * on one thread (restored on return), so that its result does not depend on the calling thread's
- * thread count; a step's products are too skinny to gain from more (measured). */
+ * set_local_threads (MKL's MKL_Set_Num_Threads_Local, or NULL): if given, the step runs its BLAS/LAPACK
+ * calls on one thread (restored on return): the regularizer's worker thread, which runs next to torch's
+ * threads, passes it. */
 int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *set_local_threads, int64_t n_layers, const int64_t *sizes,
                       const int64_t *block_addrs, const int64_t *is_small, const REAL *inv, const REAL *sqrt_d,
                       const REAL *warm, const REAL *theta_in, const REAL *previous, int64_t m, int64_t k, int64_t degree,
@@ -155,21 +175,24 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
 
     int64_t lwork = 64 * m + 64;
     int64_t n_syevd_work = 1 + 6 * m + 2 * m * m, n_syevd_iwork = 3 + 5 * m;
-    size_t total = (size_t)(6 * m * ns + 2 * m * nl + 2 * m * m + 2 * m + 2 * ns + 2 * nl + lwork + n_syevd_work +
-                            2 * k * ns + k * nl);
-    REAL *mem = (REAL *)malloc(total * sizeof(REAL));
+    /* Every work array 64-byte aligned: MKL may pick its code path by alignment, and a result that
+     * depends on where malloc put an array would not be reproducible bit for bit. */
+    const int64_t lens[] = {m * ns, m * ns, m * ns, m * ns, m * ns, m * ns, m * nl, m * nl, m * m, m * m,
+                            m, m, ns, ns, nl, nl, lwork, n_syevd_work, k * nl, k * ns, k * ns};
+    enum { N_ARRAYS = sizeof(lens) / sizeof(lens[0]) };
+    REAL *arr[N_ARRAYS];
+    REAL *mem = FN(aligned_arrays)(lens, N_ARRAYS, arr);
     int *iwork = (int *)malloc((size_t)n_syevd_iwork * sizeof(int));
     if (mem == NULL || iwork == NULL) {
-        free(mem);
+        tm_aligned_free(mem);
         free(iwork);
         if (set_local_threads != NULL) ((set_threads_fn)set_local_threads)(threads_before);
         return -1;
     }
-    REAL *zt = mem, *y = zt + m * ns, *y_prev = y + m * ns, *y_next = y_prev + m * ns, *tmp_s = y_next + m * ns;
-    REAL *q = tmp_s + m * ns, *tmp_l = q + m * ns, *bq = tmp_l + m * nl, *h = bq + m * nl, *ev = h + m * m;
-    REAL *theta = ev + m * m, *tau = theta + m, *inv_small = tau + m, *v0 = inv_small + ns, *inv_large = v0 + ns;
-    REAL *inv2_large = inv_large + nl, *work = inv2_large + nl, *syevd_work = work + lwork;
-    REAL *yk = syevd_work + n_syevd_work, *gz = yk + k * nl, *zp = gz + k * ns;
+    REAL *zt = arr[0], *y = arr[1], *y_prev = arr[2], *y_next = arr[3], *tmp_s = arr[4], *q = arr[5];
+    REAL *tmp_l = arr[6], *bq = arr[7], *h = arr[8], *ev = arr[9], *theta = arr[10], *tau = arr[11];
+    REAL *inv_small = arr[12], *v0 = arr[13], *inv_large = arr[14], *inv2_large = arr[15], *work = arr[16];
+    REAL *syevd_work = arr[17], *yk = arr[18], *gz = arr[19], *zp = arr[20];
 
     const REAL tiny = (sizeof(REAL) == sizeof(float)) ? (REAL)1.17549435e-38F : (REAL)2.2250738585072014e-308;
     const double eps = (sizeof(REAL) == sizeof(float)) ? 1.1920928955078125e-07 : 2.220446049250313e-16;
@@ -325,10 +348,138 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
 done_fail:
     status = 0;
 done:
-    free(mem);
+    tm_aligned_free(mem);
     free(iwork);
     if (set_local_threads != NULL) ((set_threads_fn)set_local_threads)(threads_before);
     return status;
+}
+
+/* |W| of every layer into its buffer and the node degrees, D^-1/2 and D^1/2 (SpectralRegularizer._prepare):
+ * one pass over the weights instead of an abs and two sums per layer. Degrees are accumulated in double.
+ * w_addrs[l], buf_addrs[l]: C-contiguous (sizes[l+1], sizes[l]); deg, inv, sqrt_d: node order. stats =
+ * {sum of the degrees (NaN/inf if a weight is not finite), number of nodes of degree <= 0}. Returns 0, or
+ * -1 when out of memory. */
+TM_CHAIN_CLONES int FN(tm_chain_prepare)(int64_t n_layers, const int64_t *sizes, const int64_t *w_addrs, const int64_t *buf_addrs,
+                         REAL *deg, REAL *inv, REAL *sqrt_d, double *stats) {
+    int64_t n_nodes = 0, widest = 1;
+    for (int64_t l = 0; l < n_layers; l++) {
+        n_nodes += sizes[l];
+        if (sizes[l] > widest) widest = sizes[l];
+    }
+    double *acc = (double *)calloc((size_t)n_nodes, sizeof(double));
+    if (acc == NULL) return -1;
+    int64_t off = 0;
+    for (int64_t l = 0; l + 1 < n_layers; l++) {
+        const REAL *w = (const REAL *)w_addrs[l];
+        REAL *a = (REAL *)buf_addrs[l];
+        int64_t n_in = sizes[l], n_out = sizes[l + 1];
+        double *col = acc + off, *row = acc + off + n_in;
+        for (int64_t i = 0; i < n_out; i++) {
+            const REAL *wr = w + i * n_in;
+            REAL *ar = a + i * n_in;
+            double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int64_t j = 0;
+            for (; j + 8 <= n_in; j += 8)
+                for (int t = 0; t < 8; t++) {
+                    REAL v = (REAL)fabs((double)wr[j + t]);
+                    ar[j + t] = v;
+                    part[t] += (double)v;
+                    col[j + t] += (double)v;
+                }
+            for (; j < n_in; j++) {
+                REAL v = (REAL)fabs((double)wr[j]);
+                ar[j] = v;
+                part[0] += (double)v;
+                col[j] += (double)v;
+            }
+            row[i] += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+        }
+        off += n_in;
+    }
+    double total = 0.0, n_iso = 0.0;
+    for (int64_t v = 0; v < n_nodes; v++) {
+        REAL d = (REAL)acc[v];
+        deg[v] = d;
+        total += (double)d;
+        if (d <= 0) {
+            n_iso += 1.0;
+            inv[v] = 0;
+            sqrt_d[v] = 0;
+        } else {
+            sqrt_d[v] = (REAL)sqrt((double)d);
+            inv[v] = (REAL)(1.0 / sqrt((double)d));
+        }
+    }
+    (void)widest;
+    free(acc);
+    stats[0] = total;
+    stats[1] = n_iso;
+    return 0;
+}
+
+/* g *= sign(w), elementwise (sign(0) = 0). */
+TM_CHAIN_CLONES static void FN(times_sign)(REAL *g, const REAL *w, int64_t n) {
+    for (int64_t e = 0; e < n; e++) {
+        REAL wv = w[e], gv = g[e];
+        g[e] = wv > 0 ? gv : (wv < 0 ? -gv : (REAL)0);
+    }
+}
+
+/* The weight gradients of sum_i c_i x_i^T M(W) x_i for fixed vectors X (rows x_rows, (k, N)) with
+ * M X given (mx_rows): _HFTrace.backward written out. Per layer one gemm with inner dimension k + 2
+ * (dq/dA_l = 2 U_{l+1} diag(c) U_l^T + g_{l+1} 1^T + 1 g_l^T, U = D^-1/2 X, g the path through the
+ * degrees) and one pass that applies sign(W). grad_addrs[l]: C-contiguous (sizes[l+1], sizes[l]) outputs.
+ * Returns 0, or -1 when out of memory. */
+int FN(tm_chain_grad)(void *gemm, void *set_local_threads, int64_t n_layers, const int64_t *sizes,
+                      const int64_t *w_addrs, const REAL *x_rows, const REAL *mx_rows, const REAL *inv,
+                      const REAL *sqrt_d, int64_t k, const REAL *c, const int64_t *grad_addrs) {
+    typedef int (*set_threads_fn)(int);
+    int64_t n_nodes = 0;
+    for (int64_t l = 0; l < n_layers; l++) n_nodes += sizes[l];
+    int64_t rows = k + 2;
+    const int64_t lens[] = {rows * n_nodes, rows * n_nodes};
+    REAL *arr[2];
+    REAL *mem = FN(aligned_arrays)(lens, 2, arr);
+    if (mem == NULL) return -1;
+    REAL *left = arr[0], *right = arr[1];
+    REAL *g = left + k * n_nodes; /* row k of left: the degree term */
+    for (int64_t v = 0; v < n_nodes; v++) g[v] = 0;
+    for (int64_t i = 0; i < k; i++) {
+        const REAL *x = x_rows + i * n_nodes, *mx = mx_rows + i * n_nodes;
+        REAL ci = c[i], two_c = (REAL)2 * c[i];
+        REAL *lu = left + i * n_nodes, *ru = right + i * n_nodes;
+        for (int64_t v = 0; v < n_nodes; v++) {
+            REAL u = x[v] * inv[v];
+            ru[v] = u;
+            lu[v] = u * two_c;
+            g[v] += (x[v] * ci) * (mx[v] * sqrt_d[v]);
+        }
+    }
+    REAL *ones_l = left + (k + 1) * n_nodes, *ones_r = right + k * n_nodes, *g_r = right + (k + 1) * n_nodes;
+    for (int64_t v = 0; v < n_nodes; v++) {
+        REAL i3 = inv[v] * inv[v] * inv[v];
+        g[v] = -(g[v] * i3);
+        g_r[v] = g[v];
+        ones_l[v] = 1;
+        ones_r[v] = 1;
+    }
+    int threads_before = set_local_threads != NULL ? ((set_threads_fn)set_local_threads)(1) : 0;
+    FN(chain_ctx) cx;
+    cx.gemm = (FN(gemm_fn))gemm;
+    int64_t off = 0;
+    for (int64_t l = 0; l + 1 < n_layers; l++) {
+        int64_t n_in = sizes[l], n_out = sizes[l + 1];
+        REAL *gr = (REAL *)grad_addrs[l];
+        const REAL *w = (const REAL *)w_addrs[l];
+        /* (n_out x n_in) = left[:, layer l+1]^T @ right[:, layer l] */
+        FN(rm_gemm)(&cx, 'T', 'N', n_out, n_in, rows, (REAL)1, left + off + n_in, n_nodes, right + off, n_nodes,
+                    (REAL)0, gr, n_in);
+        FN(times_sign)(gr, w, n_out * n_in);
+        off += n_in;
+    }
+    if (set_local_threads != NULL) ((set_threads_fn)set_local_threads)(threads_before);
+    tm_aligned_free(mem);
+    return 0;
 }
 
 #undef FN

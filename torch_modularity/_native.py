@@ -29,6 +29,11 @@ _SIGNATURES = {
                                        _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "tm_chain_step_f64": [_PTR] * 5 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
                                        _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    # SpectralRegularizer._prepare and _HFTrace.backward on chains (float32 / float64)
+    "tm_chain_prepare_f32": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "tm_chain_prepare_f64": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "tm_chain_grad_f32": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
+    "tm_chain_grad_f64": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
 }
 
 

@@ -50,7 +50,6 @@ are reproduced by ``weight = 0.5 * cluster_lambda / num_cluster_eigs = 0.05 / 3 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -227,6 +226,49 @@ def _extrapolate_rows(zt: torch.Tensor, previous: torch.Tensor, k: int) -> torch
     out = zt.clone()
     out[:k] = torch.addmm(b, b @ a.T, a, beta=2.0, alpha=-1.0)
     return out
+
+
+def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Tensor, inv_all: torch.Tensor,
+                       sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False):
+    """``(kernel, arguments, gradients)`` of :func:`_native_chain_grads`, everything allocated (the
+    inputs may be filled later, before the call)."""
+    dtype = x.dtype
+    lib = _native.kernels()
+    fn = lib.tm_chain_grad_f32 if dtype == torch.float32 else lib.tm_chain_grad_f64
+    gemm = _native.blas_lapack("s" if dtype == torch.float32 else "d")[0]
+    sizes = [ws[0].shape[1]] + [w.shape[0] for w in ws]
+    grads = [torch.empty(w.shape, dtype=dtype) for w in ws]
+    w_addrs = torch.tensor([w.data_ptr() for w in ws], dtype=torch.int64)
+    g_addrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    sizes_t = torch.tensor(sizes, dtype=torch.int64)
+    c = c.to(dtype).contiguous()
+    args = (gemm, _native.mkl_set_num_threads_local() if single_thread else None, len(sizes), sizes_t.data_ptr(),
+            w_addrs.data_ptr(), x.data_ptr(), mx.data_ptr(), inv_all.data_ptr(), sqrt_all.data_ptr(), x.shape[0],
+            c.data_ptr(), g_addrs.data_ptr())
+    return fn, args, (grads, (ws, w_addrs, g_addrs, sizes_t, c, x, mx, inv_all, sqrt_all))
+
+
+def _native_chain_grads(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Tensor, inv_all: torch.Tensor,
+                        sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False) -> List[torch.Tensor]:
+    """Weight gradients of ``sum_i c_i x_i^T M(W) x_i`` (``_HFTrace.backward`` with ``M X`` known) by
+    the compiled kernel: one GEMM and one sign pass per layer, the GIL released. All inputs CPU,
+    contiguous, of the weights' dtype. ``single_thread``: MKL on one thread (else torch's setting)."""
+    fn, args, (grads, _) = _native_grads_call(ws, x, mx, inv_all, sqrt_all, c, single_thread)
+    if fn(*args) != 0:
+        raise MemoryError("the compiled regularizer kernel could not allocate its work arrays")
+    return grads
+
+
+def _run_native_calls(prepare, step, grads) -> Tuple[int, int, int]:
+    """The worker thread's job: the three compiled calls, nothing else (no torch operation, so it
+    needs the GIL only between them). Returns their statuses (``1`` where skipped)."""
+    s_prep = prepare[0](*prepare[1])
+    if s_prep != 0:
+        return s_prep, 0, 1
+    s_step = step[0](*step[1])
+    if s_step <= 0:
+        return s_prep, s_step, 1
+    return s_prep, s_step, grads[0](*grads[1])
 
 
 class _ChainGram:
@@ -422,11 +464,25 @@ class _ChainGram:
 
     def step_native(self, blocks, inv_all: torch.Tensor, sqrt_all: torch.Tensor, warm: EigResult, k: int, degree: int,
                     tol: float, max_iter: int, num_isolated: int = 0, zero_tol: float = 0.0,
-                    previous: Optional[torch.Tensor] = None):
+                    previous: Optional[torch.Tensor] = None, single_thread: bool = False):
         """:meth:`step` as one call of the compiled kernel (``_chain_step.h``): the same operations,
         with the ~150 small torch calls of a step (and their dispatch cost) replaced by direct
         BLAS/LAPACK calls. Same inputs (``inv_all``/``sqrt_all``: ``D^-1/2`` and ``D^1/2`` over all
-        nodes) and returns; the GIL is released for the whole step. Check :meth:`native_ok` first."""
+        nodes) and returns; the GIL is released for the whole step. ``single_thread``: MKL runs on
+        one thread (the worker thread's setting; else torch's). Check :meth:`native_ok` first."""
+        call = self.native_call(blocks, inv_all, sqrt_all, warm, k, degree, tol, max_iter, zero_tol, previous,
+                                single_thread)
+        if call is None:
+            return None
+        fn, args, outputs = call
+        return self.native_finish(outputs, fn(*args), degree, num_isolated)
+
+    def native_call(self, blocks, inv_all, sqrt_all, warm: EigResult, k: int, degree: int, tol: float, max_iter: int,
+                    zero_tol: float, previous: Optional[torch.Tensor], single_thread: bool):
+        """``(kernel, arguments, outputs)`` of :meth:`step_native`'s compiled call, everything
+        allocated, so that the call itself needs no torch operation; ``None`` if the warm block does
+        not fit. ``inv_all`` and ``sqrt_all`` (contiguous, the blocks' dtype) may be filled later,
+        before the call."""
         dtype = blocks[0].dtype
         lib = _native.kernels()
         fns = _native.blas_lapack("s" if dtype == torch.float32 else "d")
@@ -445,43 +501,49 @@ class _ChainGram:
                                  torch.tensor([int(l in self.bounds) for l in range(len(self.sizes))], dtype=torch.int64))
         sizes_t, small_t = self._native_meta
         addrs = torch.tensor([b.data_ptr() for b in blocks], dtype=torch.int64)
-        inv_all = inv_all.to(dtype=dtype).contiguous()
-        sqrt_all = sqrt_all.to(dtype=dtype).contiguous()
+        if inv_all.dtype != dtype or not inv_all.is_contiguous():
+            inv_all = inv_all.to(dtype=dtype).contiguous()
+        if sqrt_all.dtype != dtype or not sqrt_all.is_contiguous():
+            sqrt_all = sqrt_all.to(dtype=dtype).contiguous()
         n = inv_all.numel()
-        x_rows = torch.empty(k, n, dtype=dtype)
-        mx_rows = torch.empty(k, n, dtype=dtype)
-        zt_out = torch.empty(m, self.n_small, dtype=dtype)
-        theta_out = torch.empty(m, dtype=dtype)
-        res = torch.empty(k, dtype=dtype)
-        sigma2 = torch.empty(k, dtype=dtype)
-        stats = torch.zeros(4, dtype=torch.float64)
+        out = dict(x=torch.empty(k, n, dtype=dtype), mx=torch.empty(k, n, dtype=dtype),
+                   zt=torch.empty(m, self.n_small, dtype=dtype), theta=torch.empty(m, dtype=dtype),
+                   res=torch.empty(k, dtype=dtype), sigma2=torch.empty(k, dtype=dtype),
+                   stats=torch.zeros(4, dtype=torch.float64),
+                   keep=(blocks, zt, theta, prev, addrs, inv_all, sqrt_all))  # alive until the call returns
         cached = self._next_cut
         smallest = cached[1] if cached is not None and cached[0] is warm.ritz_values else float(theta[m - 1])
-        status = fn(*fns, _native.mkl_set_num_threads_local(), len(self.sizes), sizes_t.data_ptr(), addrs.data_ptr(), small_t.data_ptr(),
-                    inv_all.data_ptr(), sqrt_all.data_ptr(), zt.data_ptr(), theta.data_ptr(),
-                    prev.data_ptr() if prev is not None else None, m, k, degree, float(tol), max(1, max_iter),
-                    (1.0 - zero_tol) ** 2, float(smallest), x_rows.data_ptr(), mx_rows.data_ptr(), zt_out.data_ptr(),
-                    theta_out.data_ptr(), res.data_ptr(), sigma2.data_ptr(), stats.data_ptr())
+        args = (*fns, _native.mkl_set_num_threads_local() if single_thread else None, len(self.sizes),
+                sizes_t.data_ptr(), addrs.data_ptr(), small_t.data_ptr(), inv_all.data_ptr(), sqrt_all.data_ptr(),
+                zt.data_ptr(), theta.data_ptr(), prev.data_ptr() if prev is not None else None, m, k, degree,
+                float(tol), max(1, max_iter), (1.0 - zero_tol) ** 2, float(smallest), out["x"].data_ptr(),
+                out["mx"].data_ptr(), out["zt"].data_ptr(), out["theta"].data_ptr(), out["res"].data_ptr(),
+                out["sigma2"].data_ptr(), out["stats"].data_ptr())
+        return fn, args, out
+
+    def native_finish(self, out: Dict[str, Any], status: int, degree: int, num_isolated: int):
+        """:meth:`step_native`'s return value from the compiled call's ``status`` and outputs."""
         if status == -1:
             raise MemoryError("the compiled regularizer step could not allocate its work arrays")
         if status <= 0:
             return None  # not trustworthy (or a LAPACK error): the generic route decides
-        _, _, smallest, n_zero = stats.tolist()
-        sigma = sigma2.sqrt().clamp_min(torch.finfo(dtype).tiny)
+        _, _, smallest, n_zero = out["stats"].tolist()
+        sigma2 = out["sigma2"]
+        sigma = sigma2.sqrt().clamp_min(torch.finfo(sigma2.dtype).tiny)
         result = EigResult(
-            eigenvalues=1.0 - sigma, eigenvectors=x_rows.T, block=zt_out.T, ritz_values=theta_out,
-            residuals=res, iterations=status, matvecs=(degree + 2) * status, converged=True, method="gram",
+            eigenvalues=1.0 - sigma, eigenvectors=out["x"].T, block=out["zt"].T, ritz_values=out["theta"],
+            residuals=out["res"], iterations=status, matvecs=(degree + 2) * status, converged=True, method="gram",
             num_isolated=num_isolated,
         )
-        self._next_cut = (theta_out, smallest)
-        return result, x_rows, mx_rows, int(n_zero)
+        self._next_cut = (out["theta"], smallest)
+        return result, out["x"], out["mx"], int(n_zero)
 
 
 class _HFState:
     """Inputs of one penalty evaluation, kept alive by its autograd graph (weak-referenceable)."""
 
     __slots__ = ("blocks", "sizes", "inv", "x", "mx", "sqrt_d", "scratch", "u", "us", "ps", "acc", "done",
-                 "__weakref__")
+                 "native", "pre_grads", "pre_c", "__weakref__")
 
     def __init__(self, blocks, sizes, inv, x, mx=None, sqrt_d=None, scratch=None):
         # All vectors as rows over the whole graph: x is X^T (k, N), inv / sqrt_d are D^-1/2 and
@@ -494,6 +556,11 @@ class _HFState:
         self.scratch = scratch
         self.u = self.us = self.ps = self.acc = None
         self.done = False
+        # The compiled backward applies (CPU chain, weights of the compute dtype); gradients computed
+        # ahead for the cotangent pre_c (on the worker thread, see SpectralRegularizer.overlap).
+        self.native = False
+        self.pre_grads: Optional[List[torch.Tensor]] = None
+        self.pre_c: Optional[torch.Tensor] = None
 
 
 class _HFTrace(torch.autograd.Function):
@@ -537,6 +604,13 @@ class _HFTrace(torch.autograd.Function):
         st = ctx.state
         weights = ctx.saved_tensors
         st.done = True
+        if st.native and st.mx is not None:
+            c = grad_q.to(st.x.dtype)
+            if st.pre_grads is not None and bool((c == st.pre_c).all()):
+                grads = st.pre_grads  # computed ahead for exactly this cotangent
+            else:
+                grads = _native_chain_grads([w.detach() for w in weights], st.x, st.mx, st.inv, st.sqrt_d, c)
+            return (None, *[g if w.requires_grad else None for g, w in zip(grads, weights)])
         blocks, uts = st.blocks, st.us
         n_layers = len(st.sizes)
         acc = st.acc
@@ -714,7 +788,7 @@ class SpectralRegularizer:
         seed: int = 0,
         solver_dtype: Optional[torch.dtype] = None,
         backend: str = "auto",
-        overlap: Optional[bool] = None,
+        overlap: bool = False,
         example_input: Any = None,
         kernel_norm: str = "l1",
         fold_batchnorm: bool = True,
@@ -791,7 +865,7 @@ class SpectralRegularizer:
         self.seed = int(seed)
         self.solver_dtype = solver_dtype
         self.backend = backend
-        self.overlap = overlap
+        self.overlap = bool(overlap)
         self.normalize_relu = bool(normalize_relu)
         self.steps = 0
         self.n_isolated = n_iso
@@ -826,7 +900,7 @@ class SpectralRegularizer:
                     normalize_relu_(mod)
 
             self._hook = module.register_forward_pre_hook(_pre_hook)
-        if self._chain and overlap is not False and backend != "torch":
+        if self._chain and self.overlap and backend != "torch":
             # Registered after the normalize_relu hook: it sees the rescaled weights. A weak
             # reference, so that the model's hook does not keep the regularizer alive.
             this = weakref.ref(self)
@@ -894,7 +968,7 @@ class SpectralRegularizer:
             raise ValueError(f"the model's layer sizes changed from {self.layer_sizes} to {tuple(sizes)}")
         return ws
 
-    def _abs_blocks(self, ws: Sequence[torch.Tensor], device, dtype: torch.dtype) -> List[torch.Tensor]:
+    def _abs_blocks(self, ws: Sequence[torch.Tensor], device, dtype: torch.dtype, fill: bool = True) -> List[torch.Tensor]:
         """``|W|`` of every layer, written into the buffers of the last call when nothing still
         needs them (no penalty awaiting its backward).
 
@@ -907,15 +981,17 @@ class SpectralRegularizer:
         if (cache is None or self._penalty_pending()
                 or any(b.shape != w.shape or b.device != w.device or b.dtype != dtype or w.dtype != dtype
                        for b, w in zip(cache, ws))):
-            cache = [w.to(device=device, dtype=dtype).abs() for w in ws]
+            cache = ([w.to(device=device, dtype=dtype).abs() for w in ws] if fill
+                     else [torch.empty(w.shape, device=device, dtype=dtype) for w in ws])
             self._abs_cache = cache
             # sign(W) for the backward goes into reused buffers too: a fresh tensor of a few hundred
             # kB or more is mapped anew by the allocator, and its page faults cost more than the
             # values (paper MLP: ~0.5 ms of a step for the five layers).
             self._sign_scratch = [torch.empty_like(a) for a in cache]
             return cache
-        for buf, w in zip(cache, ws):
-            torch.abs(w, out=buf)
+        if fill:
+            for buf, w in zip(cache, ws):
+                torch.abs(w, out=buf)
         return cache
 
     def _compute_dtype(self, ws: Sequence[torch.Tensor]) -> torch.dtype:
@@ -1013,7 +1089,7 @@ class SpectralRegularizer:
         prefetched = self._collect_prefetch(ws)
         with torch.no_grad():
             if prefetched is not None:
-                prepared, lean_out, previous = prefetched
+                prepared, lean_out, previous, _ = prefetched
             else:
                 prepared = self._prepare(ws, device, cdtype)
             blocks, deg, inv_all, sqrt_all, n_isolated = prepared
@@ -1030,6 +1106,10 @@ class SpectralRegularizer:
                     self._vectors = self._vector_rows(res.eigenvectors, cdtype, device)
             x = self._vectors.to(device=device, dtype=cdtype)
         state = _HFState(blocks, self.layer_sizes, inv_all, x, mx, sqrt_all, self._sign_scratch)
+        if mx is not None and self._native_chain_ok(ws, cdtype):
+            state.native = True
+            if prefetched is not None and prefetched[3] is not None:
+                state.pre_grads, state.pre_c = prefetched[3]
         q = _HFTrace.apply(state, *ws)
         if q.requires_grad:
             self._pending = weakref.ref(state)
@@ -1046,6 +1126,13 @@ class SpectralRegularizer:
     def _prepare(self, ws: Sequence[torch.Tensor], device, cdtype: torch.dtype):
         """``|W|`` blocks, node degrees (per layer), ``D^-1/2`` and ``D^1/2`` over all nodes, and the
         number of isolated nodes, for the chain path; raises on non-finite weights."""
+        if self._native_chain_ok(ws, cdtype):
+            stats, prepared = self._native_prepare_start([w.detach() for w in ws], cdtype)
+            self._native_prepare_run(prepared)
+            total_degree, n_isolated = stats.tolist()
+            if not math.isfinite(total_degree):
+                self._check_finite()  # raises, naming the parameter
+            return prepared[:4] + (int(n_isolated),)
         blocks = self._abs_blocks(ws, device, cdtype)
         deg: List[Optional[torch.Tensor]] = [None] * len(self.layer_sizes)
         for l, a in enumerate(blocks):
@@ -1058,6 +1145,39 @@ class SpectralRegularizer:
             self._check_finite()  # raises, naming the parameter
         # Once over all layers (the solver and the HF loss take per-layer views).
         return blocks, deg, _safe_rsqrt(flat), flat.clamp_min(0).sqrt(), int(n_isolated)
+
+    def _native_chain_ok(self, ws: Sequence[torch.Tensor], cdtype: torch.dtype) -> bool:
+        """Whether the compiled prepare/gradient kernels take these weights (CPU, contiguous, all
+        of the compute dtype float32/float64, kernels and torch's BLAS found, backend not torch)."""
+        if self.backend == "torch" or cdtype not in (torch.float32, torch.float64):
+            return False
+        if not all(w.device.type == "cpu" and w.dtype == cdtype and w.is_contiguous() for w in ws):
+            return False
+        return _native.kernels() is not None and _native.blas_lapack("s" if cdtype == torch.float32 else "d") is not None
+
+    def _native_prepare_start(self, ws: Sequence[torch.Tensor], cdtype: torch.dtype):
+        """The buffers :meth:`_native_prepare_run` fills: ``(stats, (blocks, degrees per layer, D^-1/2, D^1/2))``."""
+        blocks = self._abs_blocks(ws, ws[0].device, cdtype, fill=False)
+        n = sum(self.layer_sizes)
+        deg, inv_all, sqrt_all = (torch.empty(n, dtype=cdtype) for _ in range(3))
+        stats = torch.empty(2, dtype=torch.float64)
+        lib = _native.kernels()
+        fn = lib.tm_chain_prepare_f32 if cdtype == torch.float32 else lib.tm_chain_prepare_f64
+        w_addrs = torch.tensor([w.data_ptr() for w in ws], dtype=torch.int64)
+        b_addrs = torch.tensor([b.data_ptr() for b in blocks], dtype=torch.int64)
+        sizes = torch.tensor(self.layer_sizes, dtype=torch.int64)
+        args = (len(self.layer_sizes), sizes.data_ptr(), w_addrs.data_ptr(), b_addrs.data_ptr(), deg.data_ptr(),
+                inv_all.data_ptr(), sqrt_all.data_ptr(), stats.data_ptr())
+        call = (fn, args, (ws, w_addrs, b_addrs, sizes))
+        return stats, (blocks, list(deg.split(self.layer_sizes)), inv_all, sqrt_all, deg, call)
+
+    @staticmethod
+    def _native_prepare_run(prepared) -> None:
+        """|W| into the blocks, degrees, D^-1/2, D^1/2 and ``stats = (total degree, isolated count)``:
+        one compiled pass over the weights (releases the GIL)."""
+        fn, args, _ = prepared[5]
+        if fn(*args) != 0:
+            raise MemoryError("the compiled regularizer kernel could not allocate its work arrays")
 
     def _lean_plan(self, blocks, inv_all, sqrt_all, cdtype, num_isolated: int):
         """``(solver, args, previous)`` of the warm per-step solve on a chain, or ``None`` (cold
@@ -1110,24 +1230,16 @@ class SpectralRegularizer:
         return res, xs, mx
 
     # ------------------------------------------------------------------ overlap
-    def _overlap_wanted(self, ws: Sequence[torch.Tensor]) -> bool:
-        if self.overlap is False or ws[0].device.type != "cpu":
-            return False
-        if self.overlap is None:
-            try:
-                cores = len(os.sched_getaffinity(0))
-            except AttributeError:  # not on Linux
-                cores = os.cpu_count() or 1
-            if torch.get_num_threads() >= cores:
-                return False  # no idle core: the solve would only compete with the forward
-        return True
-
     def _start_prefetch(self) -> None:
-        """Forward pre-hook: launch this step's solve on the worker thread (chain path, CPU).
+        """Forward pre-hook: launch this step's work on the worker thread (chain path, CPU).
 
-        Called as the forward pass starts, when the weights are final for the step; the compiled
-        step runs without the GIL, next to the forward. Any problem (non-finite weights, a changed
-        model) skips it: ``reg()`` then does the work itself and raises where it must.
+        Called as the forward pass starts, when the weights are final for the step. The worker
+        runs the compiled kernels, which release the GIL, next to the forward: |W| and the
+        degrees, the eigensolver step, and the weight gradients for the cotangent a plain
+        ``loss = ... + reg(); loss.backward()`` gives (``-weight`` per eigenvalue). ``reg()``
+        adopts the results only if the weights are the same tensors, unchanged since; the backward
+        uses the gradients only for exactly that cotangent. Anything else (non-finite weights, a
+        changed model) leaves the work to ``reg()``, which raises where it must.
         """
         if self._prefetch is not None or self._penalty_pending():
             return
@@ -1137,39 +1249,59 @@ class SpectralRegularizer:
         if warm is None or warm.method != "gram" or any(hasattr(lin, "weight_orig") for _, lin in self._chain):
             return  # cold start; or a pruning reparametrization, whose weights are only derived in the forward
         try:
-            ws = self._weights()
-            if not self._overlap_wanted(ws):
+            ws = [w.detach() for w in self._weights()]
+        except ValueError:
+            return
+        cdtype = self._compute_dtype(ws)
+        if not self.overlap or not self._native_chain_ok(ws, cdtype):
+            return
+        with torch.no_grad():
+            stats, prepared = self._native_prepare_start(ws, cdtype)
+            blocks, _, inv_all, sqrt_all = prepared[:4]
+            plan = self._lean_plan(blocks, inv_all, sqrt_all, cdtype, 0)
+            if plan is None or getattr(plan[0], "__func__", None) is not _ChainGram.step_native:
                 return
-            cdtype = self._compute_dtype(ws)
-            with torch.no_grad():
-                prepared = self._prepare(ws, ws[0].device, cdtype)
-                plan = self._lean_plan(prepared[0], prepared[2], prepared[3], cdtype, prepared[4])
-        except (ValueError, RuntimeError):
-            return
-        if plan is None or getattr(plan[0], "__func__", None) is not _ChainGram.step_native:
-            return
+            warm, k, degree, tol, max_iter, _, zero_tol = plan[1][3:]
+            # Everything the worker's calls read or write is allocated here, on this thread: the
+            # worker runs compiled code only, and needs the GIL just to start each call.
+            step = self._chain_gram.native_call(blocks, inv_all, sqrt_all, warm, k, degree, tol, max_iter, zero_tol,
+                                                plan[2], single_thread=True)
+            if step is None:
+                return
+            c = torch.full((self.k,), -self.weight, dtype=cdtype)
+            grads = _native_grads_call(ws, step[2]["x"], step[2]["mx"], inv_all, sqrt_all, c, single_thread=True)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="SpectralRegularizer")
-        future = self._executor.submit(plan[0], *plan[1], previous=plan[2])
-        self._prefetch = dict(future=future, weights=[(w, w._version) for w in ws], warm=warm, steps=self.steps,
-                              prepared=prepared, previous=plan[2])
+        future = self._executor.submit(_run_native_calls, prepared[5], step[:2], grads[:2])
+        self._prefetch = dict(future=future, weights=[(w, w._version) for w in self._weights()], warm=warm,
+                              steps=self.steps, prepared=prepared, stats=stats, previous=plan[2], step=step,
+                              grads=grads, c=c, degree=degree)
 
     def _collect_prefetch(self, ws: Sequence[torch.Tensor]):
-        """``(prepared, lean output, previous)`` of the solve started by the forward pre-hook, if it
-        ran on exactly these weights (same tensors, unchanged since) from the current warm state;
-        else ``None`` and the call computes everything itself."""
+        """``(prepared, lean output, previous, (gradients, c) or None)`` of the work started by the
+        forward pre-hook, if it ran on exactly these weights (same tensors, unchanged since) from the
+        current warm state; else ``None`` and the call computes everything itself."""
         pre, self._prefetch = self._prefetch, None
         if pre is None:
             return None
         try:
-            out = pre["future"].result()  # always waited for: it reads the |W| buffers
+            s_prep, s_step, s_grad = pre["future"].result()  # always waited for: it writes the |W| buffers
         except Exception:  # noqa: BLE001 - recomputed in the caller's thread, which raises if it must
             return None
         same = (len(ws) == len(pre["weights"])
                 and all(w is w0 and w._version == v0 for w, (w0, v0) in zip(ws, pre["weights"])))
-        if not same or pre["warm"] is not self.last_result or pre["steps"] != self.steps or self._penalty_pending():
+        if (s_prep != 0 or not same or pre["warm"] is not self.last_result or pre["steps"] != self.steps
+                or self._penalty_pending()):
             return None
-        return pre["prepared"], out, pre["previous"]
+        total_degree, n_isolated = pre["stats"].tolist()
+        if not math.isfinite(total_degree):
+            return None  # the caller recomputes and raises, naming the parameter
+        prepared = pre["prepared"][:4] + (int(n_isolated),)
+        out = self._chain_gram.native_finish(pre["step"][2], s_step, pre["degree"], int(n_isolated))
+        if out is None:
+            return prepared, None, pre["previous"], None  # the caller solves from scratch
+        grads = (pre["grads"][2][0], pre["c"]) if s_grad == 0 else None
+        return prepared, out, pre["previous"], grads
 
     def _drop_prefetch(self) -> None:
         """Forget a started solve (after waiting for it: it reads the |W| buffers)."""
