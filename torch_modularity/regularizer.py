@@ -228,8 +228,24 @@ def _extrapolate_rows(zt: torch.Tensor, previous: torch.Tensor, k: int) -> torch
     return out
 
 
+def _addresses(tensors: Sequence[torch.Tensor], cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None
+               ) -> torch.Tensor:
+    """The tensors' data pointers as an int64 tensor for the compiled kernels (memoized in
+    ``cache`` by the pointers: the |W| buffers and the weights keep their storage across steps)."""
+    ptrs = tuple(t.data_ptr() for t in tensors)
+    if cache is None:
+        return torch.tensor(ptrs, dtype=torch.int64)
+    found = cache.get(ptrs)
+    if found is None:
+        if len(cache) > 8:
+            cache.clear()
+        found = cache[ptrs] = torch.tensor(ptrs, dtype=torch.int64)
+    return found
+
+
 def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Tensor, inv_all: torch.Tensor,
-                       sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False):
+                       sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False,
+                       cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None):
     """``(kernel, arguments, gradients)`` of :func:`_native_chain_grads`, everything allocated (the
     inputs may be filled later, before the call)."""
     dtype = x.dtype
@@ -238,8 +254,8 @@ def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Te
     gemm = _native.blas_lapack("s" if dtype == torch.float32 else "d")[0]
     sizes = [ws[0].shape[1]] + [w.shape[0] for w in ws]
     grads = [torch.empty(w.shape, dtype=dtype) for w in ws]
-    w_addrs = torch.tensor([w.data_ptr() for w in ws], dtype=torch.int64)
-    g_addrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    w_addrs = _addresses(ws, cache)
+    g_addrs = _addresses(grads)
     sizes_t = torch.tensor(sizes, dtype=torch.int64)
     c = c.to(dtype).contiguous()
     args = (gemm, _native.mkl_set_num_threads_local() if single_thread else None, len(sizes), sizes_t.data_ptr(),
@@ -249,11 +265,12 @@ def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Te
 
 
 def _native_chain_grads(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Tensor, inv_all: torch.Tensor,
-                        sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False) -> List[torch.Tensor]:
+                        sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False,
+                        cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None) -> List[torch.Tensor]:
     """Weight gradients of ``sum_i c_i x_i^T M(W) x_i`` (``_HFTrace.backward`` with ``M X`` known) by
     the compiled kernel: one GEMM and one sign pass per layer, the GIL released. All inputs CPU,
     contiguous, of the weights' dtype. ``single_thread``: MKL on one thread (else torch's setting)."""
-    fn, args, (grads, _) = _native_grads_call(ws, x, mx, inv_all, sqrt_all, c, single_thread)
+    fn, args, (grads, _) = _native_grads_call(ws, x, mx, inv_all, sqrt_all, c, single_thread, cache)
     if fn(*args) != 0:
         raise MemoryError("the compiled regularizer kernel could not allocate its work arrays")
     return grads
@@ -303,6 +320,7 @@ class _ChainGram:
         # read together with the residuals: one host-device synchronisation per step.
         self._next_cut: Optional[Tuple[torch.Tensor, float]] = None
         self._native_meta: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # sizes and sides for step_native
+        self._addr_cache: Dict[Tuple[int, ...], torch.Tensor] = {}
 
     def _node_order(self, device) -> torch.Tensor:
         """Index of every node (in node order) in a row laid out as (small side, large side)."""
@@ -500,7 +518,7 @@ class _ChainGram:
             self._native_meta = (torch.tensor(self.sizes, dtype=torch.int64),
                                  torch.tensor([int(l in self.bounds) for l in range(len(self.sizes))], dtype=torch.int64))
         sizes_t, small_t = self._native_meta
-        addrs = torch.tensor([b.data_ptr() for b in blocks], dtype=torch.int64)
+        addrs = _addresses(blocks, self._addr_cache)
         if inv_all.dtype != dtype or not inv_all.is_contiguous():
             inv_all = inv_all.to(dtype=dtype).contiguous()
         if sqrt_all.dtype != dtype or not sqrt_all.is_contiguous():
@@ -543,7 +561,7 @@ class _HFState:
     """Inputs of one penalty evaluation, kept alive by its autograd graph (weak-referenceable)."""
 
     __slots__ = ("blocks", "sizes", "inv", "x", "mx", "sqrt_d", "scratch", "u", "us", "ps", "acc", "done",
-                 "native", "pre_grads", "pre_c", "__weakref__")
+                 "native", "pre_grads", "pre_c", "addr_cache", "__weakref__")
 
     def __init__(self, blocks, sizes, inv, x, mx=None, sqrt_d=None, scratch=None):
         # All vectors as rows over the whole graph: x is X^T (k, N), inv / sqrt_d are D^-1/2 and
@@ -561,6 +579,7 @@ class _HFState:
         self.native = False
         self.pre_grads: Optional[List[torch.Tensor]] = None
         self.pre_c: Optional[torch.Tensor] = None
+        self.addr_cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None
 
 
 class _HFTrace(torch.autograd.Function):
@@ -582,11 +601,13 @@ class _HFTrace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state, *weights):
         blocks, x = state.blocks, state.x
+        ctx.state = state
+        ctx.save_for_backward(*weights)  # version check: weights must not change before backward
+        if state.mx is not None and state.native:
+            return (x * state.mx).sum(dim=1)  # q = x^T (M x); the compiled backward needs nothing more
         u = x * state.inv[None, :]  # U^T, (k, N)
         uts = u.split(state.sizes, dim=1)
         state.u, state.us = u, uts
-        ctx.state = state
-        ctx.save_for_backward(*weights)  # version check: weights must not change before backward
         if state.mx is not None:
             # q = x^T (M x); (A U)_l = D_l^1/2 (M X)_l for the backward.
             state.acc = state.mx * state.sqrt_d[None, :]
@@ -609,7 +630,8 @@ class _HFTrace(torch.autograd.Function):
             if st.pre_grads is not None and bool((c == st.pre_c).all()):
                 grads = st.pre_grads  # computed ahead for exactly this cotangent
             else:
-                grads = _native_chain_grads([w.detach() for w in weights], st.x, st.mx, st.inv, st.sqrt_d, c)
+                grads = _native_chain_grads([w.detach() for w in weights], st.x, st.mx, st.inv, st.sqrt_d, c,
+                                            cache=st.addr_cache)
             return (None, *[g if w.requires_grad else None for g, w in zip(grads, weights)])
         blocks, uts = st.blocks, st.us
         n_layers = len(st.sizes)
@@ -874,6 +896,7 @@ class SpectralRegularizer:
         self.last_result: Optional[EigResult] = None
         self._vectors: Optional[torch.Tensor] = None  # eigenvectors as rows X^T, (k, N)
         self._eigs: Optional[torch.Tensor] = None
+        self._eigs_q: Optional[torch.Tensor] = None  # the last penalty's Rayleigh quotients, unsorted
         self._warned = False
         self._zero_max = 1
         self._solves_since_check = 0
@@ -890,6 +913,9 @@ class SpectralRegularizer:
         self._polish = True
         # The solve started by the forward pre-hook on the worker thread (see _start_prefetch).
         self._prefetch: Optional[Dict[str, Any]] = None
+        # int64 tensors of data pointers for the compiled kernels, by pointer tuple (see _addresses)
+        self._addr_cache: Dict[Tuple[int, ...], torch.Tensor] = {}
+        self._sizes_t: Optional[torch.Tensor] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._prefetch_hook = None
         if self.normalize_relu:
@@ -1107,7 +1133,7 @@ class SpectralRegularizer:
             x = self._vectors.to(device=device, dtype=cdtype)
         state = _HFState(blocks, self.layer_sizes, inv_all, x, mx, sqrt_all, self._sign_scratch)
         if mx is not None and self._native_chain_ok(ws, cdtype):
-            state.native = True
+            state.native, state.addr_cache = True, self._addr_cache
             if prefetched is not None and prefetched[3] is not None:
                 state.pre_grads, state.pre_c = prefetched[3]
         q = _HFTrace.apply(state, *ws)
@@ -1120,7 +1146,7 @@ class SpectralRegularizer:
         if mx is None and not bool(torch.isfinite(total)):
             self._check_finite()  # names the parameter
             raise FloatingPointError("the spectral penalty is not finite although all weights are")  # pragma: no cover
-        self._eigs = (1.0 - q.detach()).sort().values[1:]
+        self._eigs, self._eigs_q = None, q.detach()  # sorted when asked for (eigenvalues())
         return total * self.weight
 
     def _prepare(self, ws: Sequence[torch.Tensor], device, cdtype: torch.dtype):
@@ -1163,13 +1189,18 @@ class SpectralRegularizer:
         stats = torch.empty(2, dtype=torch.float64)
         lib = _native.kernels()
         fn = lib.tm_chain_prepare_f32 if cdtype == torch.float32 else lib.tm_chain_prepare_f64
-        w_addrs = torch.tensor([w.data_ptr() for w in ws], dtype=torch.int64)
-        b_addrs = torch.tensor([b.data_ptr() for b in blocks], dtype=torch.int64)
-        sizes = torch.tensor(self.layer_sizes, dtype=torch.int64)
+        w_addrs = _addresses(ws, self._addr_cache)
+        b_addrs = _addresses(blocks, self._addr_cache)
+        sizes = self._sizes_tensor()
         args = (len(self.layer_sizes), sizes.data_ptr(), w_addrs.data_ptr(), b_addrs.data_ptr(), deg.data_ptr(),
                 inv_all.data_ptr(), sqrt_all.data_ptr(), stats.data_ptr())
         call = (fn, args, (ws, w_addrs, b_addrs, sizes))
         return stats, (blocks, list(deg.split(self.layer_sizes)), inv_all, sqrt_all, deg, call)
+
+    def _sizes_tensor(self) -> torch.Tensor:
+        if self._sizes_t is None:
+            self._sizes_t = torch.tensor(self.layer_sizes, dtype=torch.int64)
+        return self._sizes_t
 
     @staticmethod
     def _native_prepare_run(prepared) -> None:
@@ -1269,7 +1300,8 @@ class SpectralRegularizer:
             if step is None:
                 return
             c = torch.full((self.k,), -self.weight, dtype=cdtype)
-            grads = _native_grads_call(ws, step[2]["x"], step[2]["mx"], inv_all, sqrt_all, c, single_thread=True)
+            grads = _native_grads_call(ws, step[2]["x"], step[2]["mx"], inv_all, sqrt_all, c, single_thread=True,
+                                       cache=self._addr_cache)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="SpectralRegularizer")
         future = self._executor.submit(_run_native_calls, prepared[5], step[:2], grads[:2])
@@ -1350,6 +1382,8 @@ class SpectralRegularizer:
         to the solver tolerance on recompute steps; with ``every > 1`` the stale vectors'
         quotients in between). Before the first call they are computed now (no step counted).
         """
+        if self._eigs is None and self._eigs_q is not None:
+            self._eigs, self._eigs_q = (1.0 - self._eigs_q).sort().values[1:], None
         if self._eigs is None:
             if self._rebuild is not None:
                 blocks = self._graph_blocks(self._compute_dtype([p for _, p in self._graph_params()]))
@@ -1377,7 +1411,7 @@ class SpectralRegularizer:
             "extrapolate_pause": self._extrapolate_pause,
             "extrapolate_backoff": self._extrapolate_backoff,
             "vectors": None if self._vectors is None else self._vectors.T.detach().clone(),
-            "eigenvalues": None if self._eigs is None else self._eigs.clone(),
+            "eigenvalues": None if self._eigs is None and self._eigs_q is None else self.eigenvalues(),
             "n_isolated": self.n_isolated,
             "n_components": self.n_components,
             "disconnected": self.disconnected,
@@ -1405,7 +1439,7 @@ class SpectralRegularizer:
         self._extrapolate_pause = int(state.get("extrapolate_pause", 0))
         self._extrapolate_backoff = int(state.get("extrapolate_backoff", 0))
         if state.get("block") is None:
-            self.last_result, self._vectors, self._eigs = None, None, None
+            self.last_result, self._vectors, self._eigs, self._eigs_q = None, None, None, None
             return
         block = state["block"].to(device)
         previous = state.get("previous_block")
@@ -1426,6 +1460,7 @@ class SpectralRegularizer:
         else:
             self._vectors = None
         self._eigs = state["eigenvalues"].to(device) if state.get("eigenvalues") is not None else None
+        self._eigs_q = None
 
     def __repr__(self) -> str:
         return (f"SpectralRegularizer(n_eigs={self.n_eigs}, weight={self.weight}, every={self.every}, "
