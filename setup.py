@@ -1,8 +1,10 @@
 """Build hook for the optional C kernels (metadata lives in setup.cfg).
 
-``torch_modularity/_kernels.c`` is plain C loaded with ctypes (no Python or numpy headers;
-see ``torch_modularity/_native.py``). It is optional: without a C compiler the build skips it
-and the library uses the numpy implementations of the same algorithms.
+``torch_modularity/_kernels.c`` (k-means, refinement) and ``_chain_step.c`` (the regularizer's
+per-step solver, |W|/degree pass and backward, calling the BLAS/LAPACK routines torch exports)
+are plain C loaded with ctypes (no Python or numpy headers; see ``torch_modularity/_native.py``).
+They are optional: without a C compiler the build skips them and the library uses the numpy /
+torch implementations of the same algorithms.
 """
 from setuptools import Extension, setup
 

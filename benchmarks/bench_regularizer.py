@@ -15,7 +15,8 @@ gradient of the same eigenvalue sum by autograd through dense ``eigh`` in float6
 steps of a regularized training run; with ``--every N`` also on the reused steps.
 
 Run ``python benchmarks/bench_regularizer.py`` (add ``--quick`` for a smoke run, ``--large``
-for the ~21k-node MLP 784-4096x5-10, plain vs ours only). Data: MNIST via
+for the ~21k-node MLP 784-4096x5-10, plain vs ours only, ``--overlap`` for
+``SpectralRegularizer(overlap=True)``). Data: MNIST via
 ``torch_modularity.datasets.load_mnist`` (random inputs if it is missing).
 """
 from __future__ import annotations

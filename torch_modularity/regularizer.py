@@ -26,20 +26,24 @@ How (``performance.md`` section 5):
   finite and its gradient bounded; the gap opens within a few training steps.
 
 Cost (``benchmarks/bench_regularizer.py``, 784-256x4-10 MLP, batch 128, Adam, float32, the
-2-core CPU box run alone): a regularized step took ~1.7-1.75x a plain one on one thread,
-~1.9-2x on two (plain 7-8 / 5-6 ms; the naive dense-``eigh`` step ~100x) with a gradient error of ~1e-6
-against float64 dense ``eigh``. The |W| and sign(W) of every layer (the latter for the
-backward) are written into buffers kept between calls: two more copies of the weights stay
-allocated, in exchange for the page faults of fresh large tensors (~0.6 s per step on the
-~21k-node MLP 784-4096x5-10). On chains, each step starts from the last two solves' wanted
-subspaces extrapolated linearly (weights move smoothly in training), then does one Chebyshev
-iteration of degree 1 on the Gram operator, a Rayleigh-Ritz step and a polishing power step
+2-core CPU box run alone, 2026-11-28): a regularized step took ~1.5x a plain one on one thread
+(+49-50 %), ~1.6x on two (plain ~7 / ~5.6 ms; the naive dense-``eigh`` step ~110-135x), with a
+gradient error of ~1e-6 against float64 dense ``eigh``. On CPU chains the per-step work runs in
+three compiled calls (``_chain_step.h``, through the BLAS/LAPACK routines torch itself uses):
+|W| and the degrees in one pass over the weights; the eigensolver step; and the backward, one
+GEMM and one sign pass per layer. The step starts from the last two solves' wanted subspaces
+extrapolated linearly (weights move smoothly in training), then does one Chebyshev iteration of
+degree 1 on the Gram operator, a Rayleigh-Ritz step and a polishing power step
 (:class:`_ChainGram`), whose by-products give ``M X`` exactly, so the HF loss needs no GEMM of
-its own and its backward one per layer.
-``every=N`` skips the solver on the steps in between (gradient error ~4e-3 after one reused
-step, growing linearly). On a GPU (an H200) the same step is launch-bound: a few hundred small
-kernels and one host synchronisation per step add ~7.5 ms to a 2 ms plain step of that MLP;
-the small ``eigh``/QR of the solver run on the host, where they are cheaper at these sizes.
+its own. Those GEMMs (~90 MFLOP on the paper MLP) are most of what is left. Elsewhere (GPU,
+``backend="torch"``, no compiler at install) the same step runs as torch operations, and the
+|W| and sign(W) of every layer go into buffers kept between calls (page faults of fresh large
+tensors cost more than the values). ``overlap=True`` starts the compiled work on a worker
+thread when the model's forward begins (see the class). ``every=N`` skips the solver on the
+steps in between (gradient error ~4e-3 after one reused step, growing linearly). On a GPU (an
+H200) the torch step is launch-bound: a few hundred small kernels and one host synchronisation
+per step add ~7.5 ms to a 2 ms plain step of that MLP; the small ``eigh``/QR of the solver run
+on the host, where they are cheaper at these sizes.
 
 Relation to the research code (``method.md`` section 5): its gradient was exactly 0.5x the true
 derivative of its loss ``(cluster_lambda / num_cluster_eigs) * sum(lambda_2 .. lambda_{k+1})``
@@ -690,8 +694,8 @@ class SpectralRegularizer:
     its gradient lands on each weight's own device and dtype. See the module docstring for the
     method (no autograd through any eigensolver; exact Hellmann-Feynman gradient).
 
-    Two paths. A chain of ``nn.Linear`` layers uses a hand-written backward (three GEMMs per
-    layer, the fast path the overhead figures refer to). Any other model that
+    Two paths. A chain of ``nn.Linear`` layers uses a hand-written solver step and backward
+    (compiled on the CPU, see ``backend``; the fast path the overhead figures refer to). Any other model that
     :meth:`WeightGraph.from_module` reads (Conv2d with BatchNorm folded, residual adds,
     concatenations, Linear layers wired with skips) is traced once; every call rebuilds the edge
     blocks from the live parameters (kernel norms, ``|gamma| / sqrt(running_var + eps)``,
@@ -767,6 +771,24 @@ class SpectralRegularizer:
             never used), identical on every DDP rank.
         solver_dtype: dtype of the eigensolver (default: the weights' dtype, float32 at least).
             The HF loss itself is always evaluated in the weights' dtype.
+        backend: ``"auto"`` (default): on CPU chains with float32/float64 weights, the compiled
+            kernels (|W| and degrees, the solver step, the backward) when the package was built
+            with them and torch exports its BLAS/LAPACK symbols (the x86-64 Linux wheels do);
+            the torch version of the same step otherwise. ``"torch"`` forces the torch version,
+            ``"native"`` the compiled one (``RuntimeError`` where it cannot run). Both give the
+            same penalty and gradient up to rounding (tested against each other and against
+            dense ``eigh``).
+        overlap: start each step's compiled work (|W|, solve, gradients for the cotangent of a
+            plain ``loss = ... + reg()``) on a worker thread from a forward pre-hook of the model,
+            so that it runs next to the model's forward pass on an idle core; ``reg()`` waits for
+            it and adopts it only if the weights are the same tensors, unchanged since (else, and
+            for any other cotangent, it recomputes). CPU chains with the compiled backend only;
+            skipped for eval-mode or no-grad forwards, pruned (``weight_orig``) models, and when
+            ``reg()`` is called before the forward. Off by default: on the 2-core box with one
+            torch thread it gave +37-45 % in some runs and +63 % in others (against a steady
+            +49-53 % without), apparently because two busy cores run at a lower clock than one;
+            measure on your machine (``bench_regularizer.py --overlap``). :meth:`remove` detaches
+            the hook and stops the thread.
         example_input, kernel_norm, fold_batchnorm, include_dense, include_input: the graph
             options of :meth:`WeightGraph.from_module` (defaults: the research code's graphs:
             conv channels only for a CNN, every unit for an MLP; ``l1`` kernel norms; BatchNorm
