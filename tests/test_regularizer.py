@@ -826,8 +826,8 @@ def _ddp_data():
     return torch.randn(8, DDP_SIZES[0], generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen)
 
 
-def _ddp_train(model, wrapped, x, y, steps):
-    reg = SpectralRegularizer(wrapped, n_eigs=3, weight=0.5, normalize_relu=True, tol=1e-12)
+def _ddp_train(model, wrapped, x, y, steps, overlap=False):
+    reg = SpectralRegularizer(wrapped, n_eigs=3, weight=0.5, normalize_relu=True, tol=1e-12, overlap=overlap)
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
     penalties = []
     for _ in range(steps):
@@ -841,7 +841,7 @@ def _ddp_train(model, wrapped, x, y, steps):
     return penalties
 
 
-def _ddp_worker(rank, world, init_file, out_dir):
+def _ddp_worker(rank, world, init_file, out_dir, overlap=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -849,24 +849,28 @@ def _ddp_worker(rank, world, init_file, out_dir):
         ddp = nn.parallel.DistributedDataParallel(model)
         x, y = _ddp_data()
         half = len(x) // world
-        pens = _ddp_train(model, ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half], DDP_STEPS)
+        pens = _ddp_train(model, ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half], DDP_STEPS,
+                          overlap)
         torch.save({"state": model.state_dict(), "penalties": pens}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_ddp_two_processes_match_single_process(tmp_path, overlap):
+    """Weights identical on both ranks and equal to a single-process run (also with the solve
+    started early on a worker thread in every rank, ``overlap=True``)."""
     init_file = tmp_path / "init"
-    mp.spawn(_ddp_worker, args=(2, str(init_file), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    mp.spawn(_ddp_worker, args=(2, str(init_file), str(tmp_path), overlap), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in r0["state"]:
         assert torch.equal(r0["state"][key], r1["state"][key]), key
     assert r0["penalties"] == r1["penalties"]
     # Single process on the full batch: the DDP-averaged gradient is mean(CE grads) + penalty grad.
     model = _ddp_model()
     x, y = _ddp_data()
-    pens = _ddp_train(model, model, x, y, DDP_STEPS)
+    pens = _ddp_train(model, model, x, y, DDP_STEPS, overlap)
     for key, value in model.state_dict().items():
         assert torch.allclose(value, r0["state"][key], atol=1e-12, rtol=0), key
     np.testing.assert_allclose(pens, r0["penalties"], atol=1e-12)
