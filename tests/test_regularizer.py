@@ -658,6 +658,25 @@ def test_overlap_hook_removal_normal_repeated_and_after_error():
     assert len(model._forward_pre_hooks) == n_hooks
 
 
+def test_overlap_survives_the_regularizer_being_dropped_mid_step():
+    """A started job keeps its buffers alive: dropping the regularizer (and collecting it) while the
+    worker runs must not free memory under it; the model keeps working."""
+    import gc
+
+    if not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
+    model = _mlp([40, 64, 64, 10], seed=8)
+    reg = SpectralRegularizer(model, n_eigs=3, overlap=True)
+    x = torch.randn(8, 40, dtype=torch.float64)
+    _regularized_steps(model, reg, 2, x)
+    model(x)  # starts a job
+    del reg
+    gc.collect()
+    for _ in range(3):
+        model(x).sum().backward()  # the (now inert) hook must not fail
+    assert torch.isfinite(model[0].weight.grad).all()
+
+
 def test_overlap_skips_pruned_models():
     """Under torch.nn.utils.prune the weights are derived in the forward: nothing is started early,
     and the penalty stays exact."""

@@ -280,9 +280,12 @@ def _native_chain_grads(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.T
     return grads
 
 
-def _run_native_calls(prepare, step, grads) -> Tuple[int, int, int]:
+def _run_native_calls(prepare, step, grads, keepalive=None) -> Tuple[int, int, int]:
     """The worker thread's job: the three compiled calls, nothing else (no torch operation, so it
-    needs the GIL only between them). Returns their statuses (``1`` where skipped)."""
+    needs the GIL only between them). Returns their statuses (``1`` where skipped).
+
+    ``keepalive`` holds every tensor the calls read or write: the job keeps them alive even if the
+    regularizer that started it is garbage-collected meanwhile."""
     s_prep = prepare[0](*prepare[1])
     if s_prep != 0:
         return s_prep, 0, 1
@@ -1326,7 +1329,8 @@ class SpectralRegularizer:
                                        cache=self._addr_cache)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="SpectralRegularizer")
-        future = self._executor.submit(_run_native_calls, prepared[5], step[:2], grads[:2])
+        future = self._executor.submit(_run_native_calls, prepared[5], step[:2], grads[:2],
+                                       keepalive=(ws, stats, prepared, step, grads, c))
         self._prefetch = dict(future=future, weights=[(w, w._version) for w in self._weights()], warm=warm,
                               steps=self.steps, prepared=prepared, stats=stats, previous=plan[2], step=step,
                               grads=grads, c=c, degree=degree)
