@@ -615,13 +615,19 @@ def test_overlap_discards_work_on_changed_weights_and_other_cotangents(planted_w
     assert reg._prefetch is None
 
 
-def test_overlap_with_non_finite_weights_raises_at_the_penalty():
+def _warm_overlapping(sizes, seed):
+    """An MLP with an ``overlap=True`` regularizer after two training steps, and its input."""
     if not _native_step_available():
         pytest.skip("compiled regularizer step not available on this platform")
-    model = _mlp([12, 10, 8, 4], seed=2)
+    model = _mlp(sizes, seed=seed)
     reg = SpectralRegularizer(model, n_eigs=3, overlap=True)
-    x = torch.randn(4, 12, dtype=torch.float64)
+    x = torch.randn(8, sizes[0], dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     _regularized_steps(model, reg, 2, x)
+    return model, reg, x
+
+
+def test_overlap_with_non_finite_weights_raises_at_the_penalty():
+    model, reg, x = _warm_overlapping([12, 10, 8, 4], seed=2)
     with torch.no_grad():
         _linears(model)[2].weight[0, 0] = float("nan")
     model(x)  # the hook must not raise inside the forward
@@ -663,12 +669,7 @@ def test_overlap_survives_the_regularizer_being_dropped_mid_step():
     worker runs must not free memory under it; the model keeps working."""
     import gc
 
-    if not _native_step_available():
-        pytest.skip("compiled regularizer step not available on this platform")
-    model = _mlp([40, 64, 64, 10], seed=8)
-    reg = SpectralRegularizer(model, n_eigs=3, overlap=True)
-    x = torch.randn(8, 40, dtype=torch.float64)
-    _regularized_steps(model, reg, 2, x)
+    model, reg, x = _warm_overlapping([40, 64, 64, 10], seed=8)
     model(x)  # starts a job
     del reg
     gc.collect()
