@@ -96,7 +96,8 @@ def blas_lapack(prefix: str) -> Optional[Tuple[int, int, int, int]]:
     The routines torch itself runs on the CPU (MKL in the x86-64 Linux wheels, which export the
     Fortran BLAS/LAPACK symbols from ``libtorch_cpu``), so a compiled step does the same
     arithmetic as the torch ops it replaces. Builds that do not export them (e.g. macOS with
-    Accelerate) get ``None`` and the torch version runs. Memoized.
+    Accelerate) get ``None`` and the torch version runs. The kernels pass 32-bit integers, as
+    torch's own calls of these symbols do (the LP64 interface). Memoized.
     """
     lib = _torch_cpu_library()
     if lib is None:
