@@ -361,11 +361,8 @@ done:
  * -1 when out of memory. */
 TM_CHAIN_CLONES int FN(tm_chain_prepare)(int64_t n_layers, const int64_t *sizes, const int64_t *w_addrs, const int64_t *buf_addrs,
                          REAL *deg, REAL *inv, REAL *sqrt_d, double *stats) {
-    int64_t n_nodes = 0, widest = 1;
-    for (int64_t l = 0; l < n_layers; l++) {
-        n_nodes += sizes[l];
-        if (sizes[l] > widest) widest = sizes[l];
-    }
+    int64_t n_nodes = 0;
+    for (int64_t l = 0; l < n_layers; l++) n_nodes += sizes[l];
     double *acc = (double *)calloc((size_t)n_nodes, sizeof(double));
     if (acc == NULL) return -1;
     int64_t off = 0;
@@ -410,7 +407,6 @@ TM_CHAIN_CLONES int FN(tm_chain_prepare)(int64_t n_layers, const int64_t *sizes,
             inv[v] = (REAL)(1.0 / sqrt((double)d));
         }
     }
-    (void)widest;
     free(acc);
     stats[0] = total;
     stats[1] = n_iso;

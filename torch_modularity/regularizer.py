@@ -232,19 +232,24 @@ def _extrapolate_rows(zt: torch.Tensor, previous: torch.Tensor, k: int) -> torch
     return out
 
 
-def _addresses(tensors: Sequence[torch.Tensor], cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None
-               ) -> torch.Tensor:
-    """The tensors' data pointers as an int64 tensor for the compiled kernels (memoized in
-    ``cache`` by the pointers: the |W| buffers and the weights keep their storage across steps)."""
-    ptrs = tuple(t.data_ptr() for t in tensors)
+def _int64s(values: Sequence[int], cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None) -> torch.Tensor:
+    """``values`` as an int64 tensor for the compiled kernels, memoized in ``cache`` by the values
+    (layer sizes, and data pointers: the |W| buffers and the weights keep their storage across steps)."""
+    key = tuple(values)
     if cache is None:
-        return torch.tensor(ptrs, dtype=torch.int64)
-    found = cache.get(ptrs)
+        return torch.tensor(key, dtype=torch.int64)
+    found = cache.get(key)
     if found is None:
         if len(cache) > 8:
             cache.clear()
-        found = cache[ptrs] = torch.tensor(ptrs, dtype=torch.int64)
+        found = cache[key] = torch.tensor(key, dtype=torch.int64)
     return found
+
+
+def _addresses(tensors: Sequence[torch.Tensor], cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None
+               ) -> torch.Tensor:
+    """The tensors' data pointers as an int64 tensor (see :func:`_int64s`)."""
+    return _int64s([t.data_ptr() for t in tensors], cache)
 
 
 def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Tensor, inv_all: torch.Tensor,
@@ -260,7 +265,7 @@ def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Te
     grads = [torch.empty(w.shape, dtype=dtype) for w in ws]
     w_addrs = _addresses(ws, cache)
     g_addrs = _addresses(grads)
-    sizes_t = torch.tensor(sizes, dtype=torch.int64)
+    sizes_t = _int64s(sizes, cache)
     c = c.to(dtype).contiguous()
     args = (gemm, _native.mkl_set_num_threads_local() if single_thread else None, len(sizes), sizes_t.data_ptr(),
             w_addrs.data_ptr(), x.data_ptr(), mx.data_ptr(), inv_all.data_ptr(), sqrt_all.data_ptr(), x.shape[0],
@@ -326,8 +331,7 @@ class _ChainGram:
         # The filter's lower cut of the next step (a Ritz value of this one) as a Python float,
         # read together with the residuals: one host-device synchronisation per step.
         self._next_cut: Optional[Tuple[torch.Tensor, float]] = None
-        self._native_meta: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # sizes and sides for step_native
-        self._addr_cache: Dict[Tuple[int, ...], torch.Tensor] = {}
+        self._addr_cache: Dict[Tuple[int, ...], torch.Tensor] = {}  # int64 tensors for step_native (_int64s)
 
     def _node_order(self, device) -> torch.Tensor:
         """Index of every node (in node order) in a row laid out as (small side, large side)."""
@@ -521,10 +525,8 @@ class _ChainGram:
         if previous is not None and previous.shape == warm.block.shape:
             prev = previous.T.to(dtype=dtype).contiguous()
         blocks = [b if b.is_contiguous() else b.contiguous() for b in blocks]
-        if self._native_meta is None:
-            self._native_meta = (torch.tensor(self.sizes, dtype=torch.int64),
-                                 torch.tensor([int(l in self.bounds) for l in range(len(self.sizes))], dtype=torch.int64))
-        sizes_t, small_t = self._native_meta
+        sizes_t = _int64s(self.sizes, self._addr_cache)
+        small_t = _int64s([int(l in self.bounds) for l in range(len(self.sizes))], self._addr_cache)
         addrs = _addresses(blocks, self._addr_cache)
         if inv_all.dtype != dtype or not inv_all.is_contiguous():
             inv_all = inv_all.to(dtype=dtype).contiguous()
@@ -938,9 +940,8 @@ class SpectralRegularizer:
         self._polish = True
         # The solve started by the forward pre-hook on the worker thread (see _start_prefetch).
         self._prefetch: Optional[Dict[str, Any]] = None
-        # int64 tensors of data pointers for the compiled kernels, by pointer tuple (see _addresses)
+        # int64 tensors (data pointers, layer sizes) for the compiled kernels, by value (see _int64s)
         self._addr_cache: Dict[Tuple[int, ...], torch.Tensor] = {}
-        self._sizes_t: Optional[torch.Tensor] = None
         self._executor: Optional[ThreadPoolExecutor] = None
         self._prefetch_hook = None
         if self.normalize_relu:
@@ -1137,12 +1138,13 @@ class SpectralRegularizer:
         ws = self._weights()
         device = ws[0].device
         cdtype = self._compute_dtype(ws)
+        native = self._native_chain_ok(ws, cdtype)
         prefetched = self._collect_prefetch(ws)
         with torch.no_grad():
             if prefetched is not None:
                 prepared, lean_out, previous, _ = prefetched
             else:
-                prepared = self._prepare(ws, device, cdtype)
+                prepared = self._prepare(ws, device, cdtype, native)
             blocks, deg, inv_all, sqrt_all, n_isolated = prepared
             mx = None
             if self._vectors is None or self.steps % self.every == 0:
@@ -1157,7 +1159,7 @@ class SpectralRegularizer:
                     self._vectors = self._vector_rows(res.eigenvectors, cdtype, device)
             x = self._vectors.to(device=device, dtype=cdtype)
         state = _HFState(blocks, self.layer_sizes, inv_all, x, mx, sqrt_all, self._sign_scratch)
-        if mx is not None and self._native_chain_ok(ws, cdtype):
+        if mx is not None and native:
             state.native, state.addr_cache = True, self._addr_cache
             if prefetched is not None and prefetched[3] is not None:
                 state.pre_grads, state.pre_c = prefetched[3]
@@ -1174,10 +1176,11 @@ class SpectralRegularizer:
         self._eigs, self._eigs_q = None, q.detach()  # sorted when asked for (eigenvalues())
         return total * self.weight
 
-    def _prepare(self, ws: Sequence[torch.Tensor], device, cdtype: torch.dtype):
+    def _prepare(self, ws: Sequence[torch.Tensor], device, cdtype: torch.dtype, native: Optional[bool] = None):
         """``|W|`` blocks, node degrees (per layer), ``D^-1/2`` and ``D^1/2`` over all nodes, and the
-        number of isolated nodes, for the chain path; raises on non-finite weights."""
-        if self._native_chain_ok(ws, cdtype):
+        number of isolated nodes, for the chain path (by the compiled pass if ``native``, default
+        :meth:`_native_chain_ok`); raises on non-finite weights."""
+        if native if native is not None else self._native_chain_ok(ws, cdtype):
             stats, prepared = self._native_prepare_start([w.detach() for w in ws], cdtype)
             self._native_prepare_run(prepared)
             total_degree, n_isolated = stats.tolist()
@@ -1216,16 +1219,11 @@ class SpectralRegularizer:
         fn = lib.tm_chain_prepare_f32 if cdtype == torch.float32 else lib.tm_chain_prepare_f64
         w_addrs = _addresses(ws, self._addr_cache)
         b_addrs = _addresses(blocks, self._addr_cache)
-        sizes = self._sizes_tensor()
+        sizes = _int64s(self.layer_sizes, self._addr_cache)
         args = (len(self.layer_sizes), sizes.data_ptr(), w_addrs.data_ptr(), b_addrs.data_ptr(), deg.data_ptr(),
                 inv_all.data_ptr(), sqrt_all.data_ptr(), stats.data_ptr())
         call = (fn, args, (ws, w_addrs, b_addrs, sizes))
         return stats, (blocks, list(deg.split(self.layer_sizes)), inv_all, sqrt_all, deg, call)
-
-    def _sizes_tensor(self) -> torch.Tensor:
-        if self._sizes_t is None:
-            self._sizes_t = torch.tensor(self.layer_sizes, dtype=torch.int64)
-        return self._sizes_t
 
     @staticmethod
     def _native_prepare_run(prepared) -> None:
