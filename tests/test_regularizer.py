@@ -236,6 +236,54 @@ def test_native_step_matches_torch_step(dtype, sizes, degree, extrapolate):
     assert float(overlap.min()) > 1 - (1e-9 if dtype == torch.float64 else 1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_kernels_split_over_torch_threads_match_one_thread(dtype):
+    """With torch on several threads the compiled step and gradient split their products over
+    torch's OpenMP team (by output units, cut at cache lines): the same results as on one thread
+    up to rounding, and bit for bit the same for the same thread count. Layer widths below and
+    not a multiple of the 16-unit cut, and 3 threads, give empty and uneven parts."""
+    from torch_modularity import _native
+    from torch_modularity.regularizer import _native_chain_grads
+
+    if not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
+    if _native.openmp_team(2) is None:
+        pytest.skip("this torch build has no GNU OpenMP team to split over")
+    sizes = [30, 24, 20, 16, 6]
+    reg, blocks, inv_all, sqrt_all = _trained_state(sizes, dtype)
+    gram, warm = reg._chain_gram, reg.last_result
+    tol = 1e-8 if dtype == torch.float64 else 1e-4
+    args = (warm, reg.k, 1, tol, 8, 0, 1e-5)
+    ws = [w.detach() for w in reg._weights()]
+    c = torch.linspace(-1.0, 0.5, reg.k, dtype=dtype)
+    cut = gram._next_cut
+    before = torch.get_num_threads()
+    runs = {}
+    try:
+        for threads in (1, 2, 3, 2):
+            torch.set_num_threads(threads)
+            gram._next_cut = cut
+            res, x, mx, _ = gram.step_native(blocks, inv_all, sqrt_all, *args)
+            reference = runs.get(1, (None, x, mx))
+            grads = _native_chain_grads(ws, reference[1], reference[2], inv_all, sqrt_all, c)
+            run = (res.eigenvalues, x, mx, *grads)
+            if threads in runs:
+                for a, b in zip(run, runs[threads]):
+                    assert torch.equal(a, b), "same thread count, different result"
+            runs[threads] = run
+    finally:
+        torch.set_num_threads(before)
+    assert _native.openmp_team(1) is None
+    close = 1e-12 if dtype == torch.float64 else 2e-5
+    for threads in (2, 3):
+        run = list(runs[threads])
+        signs = torch.sign((run[1] * runs[1][1]).sum(dim=1, keepdim=True))  # each vector's sign is arbitrary
+        assert bool((signs != 0).all())
+        run[1], run[2] = run[1] * signs, run[2] * signs
+        for a, b in zip(run, runs[1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=close * max(1.0, float(b.abs().max())))
+
+
 def test_native_step_reports_failure_and_the_regularizer_falls_back():
     """No convergence within max_iter (tol 0): the compiled step returns None like the torch one,
     and the regularizer falls back to the generic solver with a correct value."""

@@ -23,6 +23,53 @@ static void tm_aligned_free(void *p) { free(p); }
 #define TM_CHAIN_CLONES
 #endif
 
+/* A team of torch's own OpenMP threads (libgomp's GOMP_parallel, which `#pragma omp parallel`
+ * compiles to, looked up in torch's libgomp): the step's skinny products, which MKL runs on one
+ * thread, are split over it by output units. Threads of our own beside torch's would wait for a
+ * core that torch's spinning worker holds; its own team is awake and takes the work at once. */
+typedef struct {
+    void (*parallel)(void (*)(void *), void *, unsigned, unsigned);
+    int (*thread_num)(void);
+    int (*num_threads)(void);
+    int (*set_local_threads)(int); /* MKL_Set_Num_Threads_Local, or NULL */
+    unsigned n;
+} tm_team;
+
+/* spec: {GOMP_parallel, omp_get_thread_num, omp_get_num_threads, MKL_Set_Num_Threads_Local or 0, threads}
+ * (addresses as int64), or NULL. Returns `team` filled, or NULL when there is nothing to split over. */
+static const tm_team *tm_team_from(const int64_t *spec, tm_team *team) {
+    if (spec == NULL || spec[0] == 0 || spec[1] == 0 || spec[2] == 0 || spec[4] <= 1) return NULL;
+    team->parallel = (void (*)(void (*)(void *), void *, unsigned, unsigned))(intptr_t)spec[0];
+    team->thread_num = (int (*)(void))(intptr_t)spec[1];
+    team->num_threads = (int (*)(void))(intptr_t)spec[2];
+    team->set_local_threads = (int (*)(int))(intptr_t)spec[3];
+    team->n = (unsigned)spec[4];
+    return team;
+}
+
+/* In a team member: its part and the number of parts (the team actually started, which may be
+ * smaller than asked); MKL on one thread inside (returns the setting to restore). */
+static int tm_team_enter(const tm_team *team, int *part, int *parts) {
+    *part = team->thread_num();
+    *parts = team->num_threads();
+    return team->set_local_threads != NULL ? team->set_local_threads(1) : 0;
+}
+
+static void tm_team_leave(const tm_team *team, int before) {
+    if (team->set_local_threads != NULL) team->set_local_threads(before);
+}
+
+static void tm_team_run(const tm_team *team, void (*fn)(void *), void *data) { team->parallel(fn, data, team->n, 0); }
+
+/* [lo, hi) of part `part` of `parts` of n items, cut at multiples of `grain` (cache lines). */
+static void tm_part_range(int64_t n, int64_t grain, int part, int parts, int64_t *lo, int64_t *hi) {
+    int64_t units = (n + grain - 1) / grain;
+    *lo = units * part / parts * grain;
+    *hi = units * (part + 1) / parts * grain;
+    if (*lo > n) *lo = n;
+    if (*hi > n) *hi = n;
+}
+
 #define REAL float
 #define SUF f32
 #include "_chain_step.h"

@@ -34,6 +34,7 @@ typedef struct {
     const int64_t *side_off;   /* column offset of layer l within its side's row layout */
     const int64_t *is_small;   /* 1 if layer l is on the small side */
     int64_t ns, nl;            /* total width of the small and the large side */
+    const tm_team *team;       /* torch's OpenMP team to split the products over, or NULL */
 } FN(chain_ctx);
 
 /* Row-major C (r x c) = alpha op(A) op(B) + beta C, with op(A) (r x p), op(B) (p x c): the
@@ -45,26 +46,56 @@ static void FN(rm_gemm)(const FN(chain_ctx) *cx, char ta, char tb, int64_t r, in
 }
 
 /* (A v)_j for the target layers on the side `to_small` of rows `rows` of the other side (already
- * scaled): out_j = below @ W_{j-1}^T + above @ W_j (regularizer._ChainGram._raw). */
-static void FN(raw)(const FN(chain_ctx) *cx, int64_t rows, const REAL *src, int64_t ld_src, int to_small, REAL *out,
-                    int64_t ld_out) {
+ * scaled): out_j = below @ W_{j-1}^T + above @ W_j (regularizer._ChainGram._raw), for the units of part
+ * `part` of `parts` of every target layer (each part reads only its rows of W_{j-1} and columns of W_j). */
+static void FN(raw_part)(const FN(chain_ctx) *cx, int64_t rows, const REAL *src, int64_t ld_src, int to_small,
+                         REAL *out, int64_t ld_out, int part, int parts) {
     for (int64_t j = 0; j < cx->n_layers; j++) {
         if ((cx->is_small[j] != 0) != (to_small != 0)) continue;
-        int64_t nj = cx->sizes[j];
-        REAL *dst = out + cx->side_off[j];
+        int64_t nj = cx->sizes[j], c0, c1;
+        tm_part_range(nj, 64 / (int64_t)sizeof(REAL), part, parts, &c0, &c1);
+        if (c1 <= c0) continue;
+        REAL *dst = out + cx->side_off[j] + c0;
         int have = 0;
         if (j >= 1) {
             const REAL *below = src + cx->side_off[j - 1];
-            FN(rm_gemm)(cx, 'N', 'T', rows, nj, cx->sizes[j - 1], (REAL)1, below, ld_src, cx->blocks[j - 1],
-                        cx->sizes[j - 1], (REAL)0, dst, ld_out);
+            int64_t np = cx->sizes[j - 1];
+            FN(rm_gemm)(cx, 'N', 'T', rows, c1 - c0, np, (REAL)1, below, ld_src, cx->blocks[j - 1] + c0 * np, np,
+                        (REAL)0, dst, ld_out);
             have = 1;
         }
         if (j + 1 < cx->n_layers) {
             const REAL *above = src + cx->side_off[j + 1];
-            FN(rm_gemm)(cx, 'N', 'N', rows, nj, cx->sizes[j + 1], (REAL)1, above, ld_src, cx->blocks[j], nj,
+            FN(rm_gemm)(cx, 'N', 'N', rows, c1 - c0, cx->sizes[j + 1], (REAL)1, above, ld_src, cx->blocks[j] + c0, nj,
                         have ? (REAL)1 : (REAL)0, dst, ld_out);
         }
     }
+}
+
+typedef struct {
+    const FN(chain_ctx) *cx;
+    int64_t rows, ld_src, ld_out;
+    const REAL *src;
+    REAL *out;
+    int to_small;
+} FN(raw_job);
+
+static void FN(raw_worker)(void *data) {
+    const FN(raw_job) *job = (const FN(raw_job) *)data;
+    int part, parts, before = tm_team_enter(job->cx->team, &part, &parts);
+    FN(raw_part)(job->cx, job->rows, job->src, job->ld_src, job->to_small, job->out, job->ld_out, part, parts);
+    tm_team_leave(job->cx->team, before);
+}
+
+/* raw_part over all units, split over the team if there is one. */
+static void FN(raw)(const FN(chain_ctx) *cx, int64_t rows, const REAL *src, int64_t ld_src, int to_small, REAL *out,
+                    int64_t ld_out) {
+    if (cx->team == NULL) {
+        FN(raw_part)(cx, rows, src, ld_src, to_small, out, ld_out, 0, 1);
+        return;
+    }
+    FN(raw_job) job = {cx, rows, ld_src, ld_out, src, out, to_small};
+    tm_team_run(cx->team, FN(raw_worker), &job);
 }
 
 TM_CHAIN_CLONES static void FN(scale_rows)(REAL *t, int64_t rows, int64_t n, const REAL *s) {
@@ -139,7 +170,8 @@ static REAL *FN(aligned_arrays)(const int64_t *lens, int n, REAL **out) {
  * set_local_threads (MKL's MKL_Set_Num_Threads_Local, or NULL): if given, the step runs its BLAS/LAPACK
  * calls on one thread (restored on return): the regularizer's worker thread, which runs next to torch's
  * threads, passes it. */
-int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *set_local_threads, int64_t n_layers, const int64_t *sizes,
+int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *set_local_threads, const int64_t *team_spec,
+                      int64_t n_layers, const int64_t *sizes,
                       const int64_t *block_addrs, const int64_t *is_small, const REAL *inv, const REAL *sqrt_d,
                       const REAL *warm, const REAL *theta_in, const REAL *previous, int64_t m, int64_t k, int64_t degree,
                       double tol, int64_t max_iter, double zero_sigma2, double smallest, REAL *x_rows, REAL *mx_rows,
@@ -153,6 +185,8 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
     cx.sizes = sizes;
     cx.blocks = (const REAL *const *)block_addrs;
     cx.is_small = is_small;
+    tm_team team;
+    cx.team = tm_team_from(team_spec, &team);
     int64_t side_off[n_layers > 0 ? n_layers : 1], node_off[n_layers > 0 ? n_layers : 1];
     int64_t ns = 0, nl = 0, n_nodes = 0;
     for (int64_t l = 0; l < n_layers; l++) {
@@ -421,14 +455,46 @@ TM_CHAIN_CLONES static void FN(times_sign)(REAL *g, const REAL *w, int64_t n) {
     }
 }
 
+typedef struct {
+    const FN(chain_ctx) *cx;
+    int64_t n_layers, n_nodes, rows;
+    const int64_t *sizes, *w_addrs, *grad_addrs;
+    const REAL *left, *right;
+} FN(grad_job);
+
+/* Rows `part` of `parts` of every layer's gradient: (rows r0..r1 of) left[:, layer l+1]^T @ right[:, layer l],
+ * times sign(W_l). */
+static void FN(grad_part)(const FN(grad_job) *job, int part, int parts) {
+    int64_t off = 0;
+    for (int64_t l = 0; l + 1 < job->n_layers; l++) {
+        int64_t n_in = job->sizes[l], n_out = job->sizes[l + 1], r0, r1;
+        tm_part_range(n_out, 1, part, parts, &r0, &r1);
+        if (r1 > r0) {
+            REAL *gr = (REAL *)job->grad_addrs[l] + r0 * n_in;
+            const REAL *w = (const REAL *)job->w_addrs[l] + r0 * n_in;
+            FN(rm_gemm)(job->cx, 'T', 'N', r1 - r0, n_in, job->rows, (REAL)1, job->left + off + n_in + r0, job->n_nodes,
+                        job->right + off, job->n_nodes, (REAL)0, gr, n_in);
+            FN(times_sign)(gr, w, (r1 - r0) * n_in);
+        }
+        off += n_in;
+    }
+}
+
+static void FN(grad_worker)(void *data) {
+    const FN(grad_job) *job = (const FN(grad_job) *)data;
+    int part, parts, before = tm_team_enter(job->cx->team, &part, &parts);
+    FN(grad_part)(job, part, parts);
+    tm_team_leave(job->cx->team, before);
+}
+
 /* The weight gradients of sum_i c_i x_i^T M(W) x_i for fixed vectors X (rows x_rows, (k, N)) with
  * M X given (mx_rows): _HFTrace.backward written out. Per layer one gemm with inner dimension k + 2
  * (dq/dA_l = 2 U_{l+1} diag(c) U_l^T + g_{l+1} 1^T + 1 g_l^T, U = D^-1/2 X, g the path through the
- * degrees) and one pass that applies sign(W). grad_addrs[l]: C-contiguous (sizes[l+1], sizes[l]) outputs.
- * Returns 0, or -1 when out of memory. */
-int FN(tm_chain_grad)(void *gemm, void *set_local_threads, int64_t n_layers, const int64_t *sizes,
-                      const int64_t *w_addrs, const REAL *x_rows, const REAL *mx_rows, const REAL *inv,
-                      const REAL *sqrt_d, int64_t k, const REAL *c, const int64_t *grad_addrs) {
+ * degrees) and one pass that applies sign(W), split by rows over the team if there is one.
+ * grad_addrs[l]: C-contiguous (sizes[l+1], sizes[l]) outputs. Returns 0, or -1 when out of memory. */
+int FN(tm_chain_grad)(void *gemm, void *set_local_threads, const int64_t *team_spec, int64_t n_layers,
+                      const int64_t *sizes, const int64_t *w_addrs, const REAL *x_rows, const REAL *mx_rows,
+                      const REAL *inv, const REAL *sqrt_d, int64_t k, const REAL *c, const int64_t *grad_addrs) {
     typedef int (*set_threads_fn)(int);
     int64_t n_nodes = 0;
     for (int64_t l = 0; l < n_layers; l++) n_nodes += sizes[l];
@@ -462,17 +528,13 @@ int FN(tm_chain_grad)(void *gemm, void *set_local_threads, int64_t n_layers, con
     int threads_before = set_local_threads != NULL ? ((set_threads_fn)set_local_threads)(1) : 0;
     FN(chain_ctx) cx;
     cx.gemm = (FN(gemm_fn))gemm;
-    int64_t off = 0;
-    for (int64_t l = 0; l + 1 < n_layers; l++) {
-        int64_t n_in = sizes[l], n_out = sizes[l + 1];
-        REAL *gr = (REAL *)grad_addrs[l];
-        const REAL *w = (const REAL *)w_addrs[l];
-        /* (n_out x n_in) = left[:, layer l+1]^T @ right[:, layer l] */
-        FN(rm_gemm)(&cx, 'T', 'N', n_out, n_in, rows, (REAL)1, left + off + n_in, n_nodes, right + off, n_nodes,
-                    (REAL)0, gr, n_in);
-        FN(times_sign)(gr, w, n_out * n_in);
-        off += n_in;
-    }
+    tm_team team;
+    cx.team = tm_team_from(team_spec, &team);
+    FN(grad_job) job = {&cx, n_layers, n_nodes, rows, sizes, w_addrs, grad_addrs, left, right};
+    if (cx.team != NULL)
+        tm_team_run(cx.team, FN(grad_worker), &job);
+    else
+        FN(grad_part)(&job, 0, 1);
     if (set_local_threads != NULL) ((set_threads_fn)set_local_threads)(threads_before);
     tm_aligned_free(mem);
     return 0;

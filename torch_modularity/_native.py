@@ -23,17 +23,17 @@ _SIGNATURES = {
                             _F64, _PTR],
     # spectral.kmeans
     "tm_kmeans": [_I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _F64, _I64, _PTR, _PTR, _PTR],
-    # regularizer._ChainGram.step (float32 / float64): four BLAS/LAPACK function pointers and MKL's
-    # mkl_set_num_threads_local (or NULL), then the step's arrays
-    "tm_chain_step_f32": [_PTR] * 5 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
+    # regularizer._ChainGram.step (float32 / float64): four BLAS/LAPACK function pointers, MKL's
+    # mkl_set_num_threads_local (or NULL), the OpenMP team (openmp_team(), or NULL), then the step's arrays
+    "tm_chain_step_f32": [_PTR] * 6 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
                                        _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
-    "tm_chain_step_f64": [_PTR] * 5 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
+    "tm_chain_step_f64": [_PTR] * 6 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
                                        _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     # SpectralRegularizer._prepare and _HFTrace.backward on chains (float32 / float64)
     "tm_chain_prepare_f32": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "tm_chain_prepare_f64": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
-    "tm_chain_grad_f32": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
-    "tm_chain_grad_f64": [_PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
+    "tm_chain_grad_f32": [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
+    "tm_chain_grad_f64": [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
 }
 
 
@@ -107,3 +107,29 @@ def blas_lapack(prefix: str) -> Optional[Tuple[int, int, int, int]]:
                      for routine in ("gemm", "syevd", "geqrf", "orgqr"))
     except AttributeError:
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def _openmp_routines() -> Optional[Tuple[int, int, int]]:
+    lib = _torch_cpu_library()
+    if lib is None or not torch._C.has_openmp:
+        return None
+    try:
+        return tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                     for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads"))
+    except AttributeError:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def openmp_team(threads: int) -> Optional[torch.Tensor]:
+    """The kernels' description of a team of ``threads`` of torch's own OpenMP threads, or ``None``
+    (one thread, or no GNU OpenMP in this torch build): an int64 tensor of the addresses of
+    ``GOMP_parallel``, ``omp_get_thread_num``, ``omp_get_num_threads`` (from the libgomp torch
+    loaded, so the kernels run on the very threads torch's own ops use) and
+    ``MKL_Set_Num_Threads_Local`` (0 if absent), and ``threads``. Memoized (pass its
+    ``data_ptr()``; the tensor lives as long as the cache)."""
+    routines = _openmp_routines()
+    if threads <= 1 or routines is None:
+        return None
+    return torch.tensor([*routines, mkl_set_num_threads_local() or 0, threads], dtype=torch.int64)

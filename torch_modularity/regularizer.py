@@ -252,6 +252,15 @@ def _addresses(tensors: Sequence[torch.Tensor], cache: Optional[Dict[Tuple[int, 
     return _int64s([t.data_ptr() for t in tensors], cache)
 
 
+def _team_address(single_thread: bool) -> Optional[int]:
+    """The compiled kernels' OpenMP team (:func:`_native.openmp_team`) for torch's current thread
+    count, or ``None`` (one thread: the worker thread of ``overlap``, or torch set to one)."""
+    if single_thread:
+        return None
+    team = _native.openmp_team(torch.get_num_threads())
+    return team.data_ptr() if team is not None else None
+
+
 def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Tensor, inv_all: torch.Tensor,
                        sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False,
                        cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None):
@@ -267,7 +276,8 @@ def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Te
     g_addrs = _addresses(grads)
     sizes_t = _int64s(sizes, cache)
     c = c.to(dtype).contiguous()
-    args = (gemm, _native.mkl_set_num_threads_local() if single_thread else None, len(sizes), sizes_t.data_ptr(),
+    args = (gemm, _native.mkl_set_num_threads_local() if single_thread else None, _team_address(single_thread),
+            len(sizes), sizes_t.data_ptr(),
             w_addrs.data_ptr(), x.data_ptr(), mx.data_ptr(), inv_all.data_ptr(), sqrt_all.data_ptr(), x.shape[0],
             c.data_ptr(), g_addrs.data_ptr())
     return fn, args, (grads, (ws, w_addrs, g_addrs, sizes_t, c, x, mx, inv_all, sqrt_all))
@@ -540,7 +550,8 @@ class _ChainGram:
                    keep=(blocks, zt, theta, prev, addrs, inv_all, sqrt_all))  # alive until the call returns
         cached = self._next_cut
         smallest = cached[1] if cached is not None and cached[0] is warm.ritz_values else float(theta[m - 1])
-        args = (*fns, _native.mkl_set_num_threads_local() if single_thread else None, len(self.sizes),
+        args = (*fns, _native.mkl_set_num_threads_local() if single_thread else None, _team_address(single_thread),
+                len(self.sizes),
                 sizes_t.data_ptr(), addrs.data_ptr(), small_t.data_ptr(), inv_all.data_ptr(), sqrt_all.data_ptr(),
                 zt.data_ptr(), theta.data_ptr(), prev.data_ptr() if prev is not None else None, m, k, degree,
                 float(tol), max(1, max_iter), (1.0 - zero_tol) ** 2, float(smallest), out["x"].data_ptr(),
