@@ -219,7 +219,10 @@ def test_native_step_matches_torch_step(dtype, sizes, degree, extrapolate):
     out = gram.step_native(blocks, inv_all, sqrt_all, *args, previous=previous)
     assert ref is not None, "the torch step did not converge: the test needs a converging case"
     assert out is not None
-    (r_ref, x_ref, mx_ref, z_ref), (r_out, x_out, mx_out, z_out) = ref, out
+    (r_ref, x_ref, mx_ref, z_ref, q_ref), (r_out, x_out, mx_out, z_out, q_out) = ref, out
+    assert q_ref is None  # the torch step leaves the quotients to the penalty's forward
+    # the compiled step's quotients are x_i^T (M x)_i of its own output
+    torch.testing.assert_close(q_out, (x_out * mx_out).sum(dim=1), rtol=0, atol=1e-13 if dtype == torch.float64 else 1e-6)
     close = 1e-12 if dtype == torch.float64 else 2e-5
     assert r_out.iterations == r_ref.iterations and z_out == z_ref
     torch.testing.assert_close(r_out.eigenvalues, r_ref.eigenvalues, rtol=0, atol=close)
@@ -263,7 +266,7 @@ def test_native_kernels_split_over_torch_threads_match_one_thread(dtype):
         for threads in (1, 2, 3, 2):
             torch.set_num_threads(threads)
             gram._next_cut = cut
-            res, x, mx, _ = gram.step_native(blocks, inv_all, sqrt_all, *args)
+            res, x, mx, _, _ = gram.step_native(blocks, inv_all, sqrt_all, *args)
             reference = runs.get(1, (None, x, mx))
             grads = _native_chain_grads(ws, reference[1], reference[2], inv_all, sqrt_all, c)
             run = (res.eigenvalues, x, mx, *grads)
@@ -385,7 +388,7 @@ def test_extrapolation_pauses_while_it_costs_iterations():
             res = EigResult(eigenvalues=warm.ritz_values[:k], eigenvectors=torch.zeros(0), block=warm.block,
                             ritz_values=warm.ritz_values, residuals=torch.zeros(k), iterations=next(iterations),
                             matvecs=0, converged=True, method="gram", num_isolated=0)
-            return res, None, None, 1
+            return res, None, None, 1, None
 
     reg._chain_gram = RecordingGram()
     reg._previous_block = reg.last_result.block

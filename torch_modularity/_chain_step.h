@@ -164,8 +164,9 @@ static REAL *FN(aligned_arrays)(const int64_t *lens, int n, REAL **out) {
  *
  * Inputs: warm (m x ns) and theta (m, descending) of the last solve; previous (m x ns) or NULL;
  * inv, sqrt_d (node order, length N). Outputs: x_rows, mx_rows (k x N, node order), zt_out (m x ns),
- * theta_out (m), res_out, sigma2_out (k), stats = {worst residual, min sigma2, smallest Ritz value,
- * number of sigma2 >= zero_sigma2}.
+ * theta_out (m), res_out (k), eig_out (k: the eigenvalues 1 - sigma), q_out (k: the Rayleigh quotients
+ * x_i^T (M x)_i of the rows returned, summed in double: the penalty's terms), stats = {worst residual,
+ * min sigma2, smallest Ritz value, number of sigma2 >= zero_sigma2}.
  *
  * set_local_threads (MKL's MKL_Set_Num_Threads_Local, or NULL): if given, the step runs its BLAS/LAPACK
  * calls on one thread (restored on return): the regularizer's worker thread, which runs next to torch's
@@ -175,7 +176,7 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
                       const int64_t *block_addrs, const int64_t *is_small, const REAL *inv, const REAL *sqrt_d,
                       const REAL *warm, const REAL *theta_in, const REAL *previous, int64_t m, int64_t k, int64_t degree,
                       double tol, int64_t max_iter, double zero_sigma2, double smallest, REAL *x_rows, REAL *mx_rows,
-                      REAL *zt_out, REAL *theta_out, REAL *res_out, REAL *sigma2_out, double *stats) {
+                      REAL *zt_out, REAL *theta_out, REAL *res_out, REAL *eig_out, REAL *q_out, double *stats) {
     FN(chain_ctx) cx;
     cx.gemm = (FN(gemm_fn))gemm;
     cx.syevd = (FN(syevd_fn))syevd;
@@ -212,7 +213,7 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
     /* Every work array 64-byte aligned: MKL may pick its code path by alignment, and a result that
      * depends on where malloc put an array would not be reproducible bit for bit. */
     const int64_t lens[] = {m * ns, m * ns, m * ns, m * ns, m * ns, m * ns, m * nl, m * nl, m * m, m * m,
-                            m, m, ns, ns, nl, nl, lwork, n_syevd_work, k * nl, k * ns, k * ns};
+                            m, m, ns, ns, nl, nl, lwork, n_syevd_work, k * nl, k * ns, k * ns, k};
     enum { N_ARRAYS = sizeof(lens) / sizeof(lens[0]) };
     REAL *arr[N_ARRAYS];
     REAL *mem = FN(aligned_arrays)(lens, N_ARRAYS, arr);
@@ -226,7 +227,7 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
     REAL *zt = arr[0], *y = arr[1], *y_prev = arr[2], *y_next = arr[3], *tmp_s = arr[4], *q = arr[5];
     REAL *tmp_l = arr[6], *bq = arr[7], *h = arr[8], *ev = arr[9], *theta = arr[10], *tau = arr[11];
     REAL *inv_small = arr[12], *v0 = arr[13], *inv_large = arr[14], *inv2_large = arr[15], *work = arr[16];
-    REAL *syevd_work = arr[17], *yk = arr[18], *gz = arr[19], *zp = arr[20];
+    REAL *syevd_work = arr[17], *yk = arr[18], *gz = arr[19], *zp = arr[20], *sigma2_out = arr[21];
 
     const REAL tiny = (sizeof(REAL) == sizeof(float)) ? (REAL)1.17549435e-38F : (REAL)2.2250738585072014e-308;
     const double eps = (sizeof(REAL) == sizeof(float)) ? 1.1920928955078125e-07 : 2.220446049250313e-16;
@@ -353,6 +354,7 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
         for (int64_t i = 0; i < k; i++) {
             REAL sg = (REAL)sqrt((double)sigma2_out[i]);
             if (sg < tiny) sg = tiny;
+            eig_out[i] = (REAL)1 - sg;
             REAL inv_sg = (REAL)1 / sg;
             REAL *xr = x_rows + i * n_nodes_total, *mr = mx_rows + i * n_nodes_total;
             for (int64_t l = 0; l < n_layers; l++) {
@@ -369,6 +371,9 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
                     }
                 }
             }
+            double qi = 0.0;
+            for (int64_t v = 0; v < n_nodes_total; v++) qi += (double)xr[v] * (double)mr[v];
+            q_out[i] = (REAL)qi;
         }
         memcpy(zt_out, zt, (size_t)(m * ns) * sizeof(REAL));
         memcpy(theta_out, theta, (size_t)m * sizeof(REAL));

@@ -26,9 +26,9 @@ _SIGNATURES = {
     # regularizer._ChainGram.step (float32 / float64): four BLAS/LAPACK function pointers, MKL's
     # mkl_set_num_threads_local (or NULL), the OpenMP team (openmp_team(), or NULL), then the step's arrays
     "tm_chain_step_f32": [_PTR] * 6 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
-                                       _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+                                       _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "tm_chain_step_f64": [_PTR] * 6 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
-                                       _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+                                       _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     # SpectralRegularizer._prepare and _HFTrace.backward on chains (float32 / float64)
     "tm_chain_prepare_f32": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "tm_chain_prepare_f64": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],

@@ -405,9 +405,10 @@ class _ChainGram:
         ``previous`` is the warm block of the solve before ``warm`` (same shape), or ``None``: the
         wanted subspace is then extrapolated linearly from the two (see below) before filtering.
 
-        Returns ``(result, x_rows, mx_rows, n_zero)``: an :class:`EigResult` (``method="gram"``),
-        the eigenvectors ``X^T`` and ``(M X)^T`` as rows ``(k, N)`` in node order, and how many of the
-        ``k`` eigenvalues are at most ``zero_tol``; or ``None`` when the step cannot be trusted
+        Returns ``(result, x_rows, mx_rows, n_zero, q)``: an :class:`EigResult` (``method="gram"``),
+        the eigenvectors ``X^T`` and ``(M X)^T`` as rows ``(k, N)`` in node order, how many of the
+        ``k`` eigenvalues are at most ``zero_tol``, and the Rayleigh quotients ``x_i^T (M x)_i``
+        (``None`` here; the compiled step computes them); or ``None`` when the step cannot be trusted
         (non-finite values, a vanishing ``sigma_k``, or no convergence).
         """
         dtype = blocks[0].dtype
@@ -489,7 +490,7 @@ class _ChainGram:
             num_isolated=num_isolated,
         )
         self._next_cut = (theta, smallest)
-        return result, x_rows, mx_rows, int(n_zero)
+        return result, x_rows, mx_rows, int(n_zero), None
 
     def native_ok(self, blocks, warm: EigResult) -> bool:
         """Whether :meth:`step_native` can run: CPU float32/float64 blocks, the compiled step and
@@ -545,7 +546,7 @@ class _ChainGram:
         n = inv_all.numel()
         out = dict(x=torch.empty(k, n, dtype=dtype), mx=torch.empty(k, n, dtype=dtype),
                    zt=torch.empty(m, self.n_small, dtype=dtype), theta=torch.empty(m, dtype=dtype),
-                   res=torch.empty(k, dtype=dtype), sigma2=torch.empty(k, dtype=dtype),
+                   res=torch.empty(k, dtype=dtype), eig=torch.empty(k, dtype=dtype), q=torch.empty(k, dtype=dtype),
                    stats=torch.zeros(4, dtype=torch.float64),
                    keep=(blocks, zt, theta, prev, addrs, inv_all, sqrt_all))  # alive until the call returns
         cached = self._next_cut
@@ -556,7 +557,7 @@ class _ChainGram:
                 zt.data_ptr(), theta.data_ptr(), prev.data_ptr() if prev is not None else None, m, k, degree,
                 float(tol), max(1, max_iter), (1.0 - zero_tol) ** 2, float(smallest), out["x"].data_ptr(),
                 out["mx"].data_ptr(), out["zt"].data_ptr(), out["theta"].data_ptr(), out["res"].data_ptr(),
-                out["sigma2"].data_ptr(), out["stats"].data_ptr())
+                out["eig"].data_ptr(), out["q"].data_ptr(), out["stats"].data_ptr())
         return fn, args, out
 
     def native_finish(self, out: Dict[str, Any], status: int, degree: int, num_isolated: int):
@@ -566,24 +567,22 @@ class _ChainGram:
         if status <= 0:
             return None  # not trustworthy (or a LAPACK error): the generic route decides
         _, _, smallest, n_zero = out["stats"].tolist()
-        sigma2 = out["sigma2"]
-        sigma = sigma2.sqrt().clamp_min(torch.finfo(sigma2.dtype).tiny)
         result = EigResult(
-            eigenvalues=1.0 - sigma, eigenvectors=out["x"].T, block=out["zt"].T, ritz_values=out["theta"],
+            eigenvalues=out["eig"], eigenvectors=out["x"].T, block=out["zt"].T, ritz_values=out["theta"],
             residuals=out["res"], iterations=status, matvecs=(degree + 2) * status, converged=True, method="gram",
             num_isolated=num_isolated,
         )
         self._next_cut = (out["theta"], smallest)
-        return result, out["x"], out["mx"], int(n_zero)
+        return result, out["x"], out["mx"], int(n_zero), out["q"]
 
 
 class _HFState:
     """Inputs of one penalty evaluation, kept alive by its autograd graph (weak-referenceable)."""
 
     __slots__ = ("blocks", "sizes", "inv", "x", "mx", "sqrt_d", "scratch", "u", "us", "ps", "acc", "done",
-                 "native", "pre_grads", "pre_c", "addr_cache", "__weakref__")
+                 "native", "pre_grads", "pre_c", "addr_cache", "k", "weight", "q", "__weakref__")
 
-    def __init__(self, blocks, sizes, inv, x, mx=None, sqrt_d=None, scratch=None):
+    def __init__(self, blocks, sizes, inv, x, mx=None, sqrt_d=None, scratch=None, k=0, weight=1.0, q=None):
         # All vectors as rows over the whole graph: x is X^T (k, N), inv / sqrt_d are D^-1/2 and
         # D^1/2 as (N,); per-layer parts are column views (one op for all layers instead of one per layer).
         self.blocks, self.sizes, self.inv, self.x = blocks, list(sizes), inv, x
@@ -600,10 +599,14 @@ class _HFState:
         self.pre_grads: Optional[List[torch.Tensor]] = None
         self.pre_c: Optional[torch.Tensor] = None
         self.addr_cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None
+        # The penalty is weight * (k - sum_i q_i); q: the quotients, given by the compiled step
+        # (for x and M X of these weights) or set by the forward.
+        self.k, self.weight, self.q = k, weight, q
 
 
 class _HFTrace(torch.autograd.Function):
-    """Rayleigh quotients ``q_i = x_i^T M(W) x_i`` of fixed vectors, differentiable in the weights.
+    """The penalty ``weight * (k - sum_i q_i)`` from the Rayleigh quotients ``q_i = x_i^T M(W) x_i``
+    of fixed vectors, differentiable in the weights (one autograd node for the whole penalty).
 
     ``M(W) = D^-1/2 |W| D^-1/2`` with degrees from ``|W|``. Forward and backward are written out
     (three GEMMs per layer in all, with inner dimension ``k`` or ``k + 2``) instead of
@@ -612,7 +615,7 @@ class _HFTrace(torch.autograd.Function):
     done once over all layers. Per layer ``l`` (``U_l = D_l^-1/2 X_l``, ``P_l = A_l U_l``):
 
     * ``q = 2 sum_l colsum(U_{l+1} * P_l)``;
-    * for a cotangent ``c`` (one entry per vector), with ``r_l = 2 rowsum((X_l c) *
+    * for the cotangent ``c`` of ``q`` (``-weight`` times the penalty's, per vector), with ``r_l = 2 rowsum((X_l c) *
       (P_{l-1} + A_l^T U_{l+1}))`` and ``g_l = -r_l d_l^-3/2 / 2`` (the path through the degrees):
       ``dq/dA_l = 2 U_{l+1} diag(c) U_l^T + g_{l+1} 1^T + 1 g_l^T``, one GEMM with inner
       dimension ``k + 2``, and ``dq/dW_l = sign(W_l) * dq/dA_l``.
@@ -623,8 +626,14 @@ class _HFTrace(torch.autograd.Function):
         blocks, x = state.blocks, state.x
         ctx.state = state
         ctx.save_for_backward(*weights)  # version check: weights must not change before backward
-        if state.mx is not None and state.native:
-            return (x * state.mx).sum(dim=1)  # q = x^T (M x); the compiled backward needs nothing more
+        if not (state.mx is not None and state.native):
+            state.q = _HFTrace._quotients(state, blocks, x)
+        elif state.q is None:
+            state.q = (x * state.mx).sum(dim=1)  # q = x^T (M x); the compiled backward needs nothing more
+        return state.q.sum().neg_().add_(state.k).mul_(state.weight)
+
+    @staticmethod
+    def _quotients(state, blocks, x):
         u = x * state.inv[None, :]  # U^T, (k, N)
         uts = u.split(state.sizes, dim=1)
         state.u, state.us = u, uts
@@ -641,17 +650,17 @@ class _HFTrace(torch.autograd.Function):
         return 2.0 * q
 
     @staticmethod
-    def backward(ctx, grad_q):
+    def backward(ctx, grad_out):
         st = ctx.state
         weights = ctx.saved_tensors
         st.done = True
+        grad_q = (grad_out.to(st.x.dtype) * -st.weight).expand(st.x.shape[0])  # d penalty / d q_i
         if st.native and st.mx is not None:
-            c = grad_q.to(st.x.dtype)
+            c = grad_q
             if st.pre_grads is not None and bool((c == st.pre_c).all()):
                 grads = st.pre_grads  # computed ahead for exactly this cotangent
             else:
-                grads = _native_chain_grads([w.detach() for w in weights], st.x, st.mx, st.inv, st.sqrt_d, c,
-                                            cache=st.addr_cache)
+                grads = _native_chain_grads(weights, st.x, st.mx, st.inv, st.sqrt_d, c, cache=st.addr_cache)
             return (None, *[g if w.requires_grad else None for g, w in zip(grads, weights)])
         blocks, uts = st.blocks, st.us
         n_layers = len(st.sizes)
@@ -1157,35 +1166,35 @@ class SpectralRegularizer:
             else:
                 prepared = self._prepare(ws, device, cdtype, native)
             blocks, deg, inv_all, sqrt_all, n_isolated = prepared
-            mx = None
+            mx = q_known = None
             if self._vectors is None or self.steps % self.every == 0:
                 if prefetched is not None:
                     lean = self._lean_commit(lean_out, previous, blocks)
                 else:
                     lean = self._lean_step(blocks, inv_all, sqrt_all, cdtype, n_isolated)
                 if lean is not None:
-                    res, self._vectors, mx = lean
+                    res, self._vectors, mx, q_known = lean
                 else:
                     res = self._solve(blocks, deg)
                     self._vectors = self._vector_rows(res.eigenvectors, cdtype, device)
             x = self._vectors.to(device=device, dtype=cdtype)
-        state = _HFState(blocks, self.layer_sizes, inv_all, x, mx, sqrt_all, self._sign_scratch)
+        state = _HFState(blocks, self.layer_sizes, inv_all, x, mx, sqrt_all, self._sign_scratch, self.k,
+                         self.weight)
         if mx is not None and native:
-            state.native, state.addr_cache = True, self._addr_cache
+            state.native, state.addr_cache, state.q = True, self._addr_cache, q_known
             if prefetched is not None and prefetched[3] is not None:
                 state.pre_grads, state.pre_c = prefetched[3]
-        q = _HFTrace.apply(state, *ws)
-        if q.requires_grad:
+        penalty = _HFTrace.apply(state, *ws)
+        if penalty.requires_grad:
             self._pending = weakref.ref(state)
-        total = self.k - q.sum()
         self.steps += 1
         # With vectors and M X from the lean step (checked finite there, from finite degrees)
         # the penalty is finite: no further synchronisation.
-        if mx is None and not bool(torch.isfinite(total)):
+        if mx is None and not bool(torch.isfinite(state.q).all()):
             self._check_finite()  # names the parameter
             raise FloatingPointError("the spectral penalty is not finite although all weights are")  # pragma: no cover
-        self._eigs, self._eigs_q = None, q.detach()  # sorted when asked for (eigenvalues())
-        return total * self.weight
+        self._eigs, self._eigs_q = None, state.q  # sorted when asked for (eigenvalues())
+        return penalty
 
     def _prepare(self, ws: Sequence[torch.Tensor], device, cdtype: torch.dtype, native: Optional[bool] = None):
         """``|W|`` blocks, node degrees (per layer), ``D^-1/2`` and ``D^1/2`` over all nodes, and the
@@ -1281,7 +1290,7 @@ class SpectralRegularizer:
         """Adopt a lean step's output (``None``: it failed) as the current solve."""
         if out is None:
             return None
-        res, xs, mx, n_zero = out
+        res, xs, mx, n_zero, q = out
         if previous is None:
             self._extrapolate_pause = max(0, self._extrapolate_pause - 1)
         elif res.iterations > 1:
@@ -1292,7 +1301,7 @@ class SpectralRegularizer:
         self._previous_block = self.last_result.block
         self.last_result = res
         self._report_connectivity(res, blocks, n_zero)
-        return res, xs, mx
+        return res, xs, mx, q
 
     # ------------------------------------------------------------------ overlap
     def _start_prefetch(self) -> None:
