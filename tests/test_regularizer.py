@@ -566,15 +566,21 @@ def test_native_prepare_matches_torch_prepare(dtype):
         _linears(model)[2].weight[:, 5].zero_()
         _linears(model)[1].weight[5].zero_()  # unit 5 of layer 2: no edge at all (isolated)
     ws = [w.detach() for w in SpectralRegularizer(model, n_eigs=3)._weights()]
-    native = SpectralRegularizer(model, n_eigs=3, backend="native")._prepare(ws, ws[0].device, dtype)
     ref = SpectralRegularizer(model, n_eigs=3, backend="torch")._prepare(ws, ws[0].device, dtype)
-    for a, b in zip(native[0], ref[0]):
-        assert torch.equal(a, b)  # |W| is exact
-    tol = dict(rtol=1e-13, atol=0) if dtype == torch.float64 else dict(rtol=1e-6, atol=0)
-    torch.testing.assert_close(torch.cat(native[1]), torch.cat(ref[1]), **tol)
-    torch.testing.assert_close(native[2], ref[2], **tol)
-    torch.testing.assert_close(native[3], ref[3], **tol)
-    assert native[4] == ref[4] == 1
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):  # split by rows over torch's threads when it runs on several
+            torch.set_num_threads(threads)
+            native = SpectralRegularizer(model, n_eigs=3, backend="native")._prepare(ws, ws[0].device, dtype)
+            for a, b in zip(native[0], ref[0]):
+                assert torch.equal(a, b)  # |W| is exact
+            tol = dict(rtol=1e-13, atol=0) if dtype == torch.float64 else dict(rtol=1e-6, atol=0)
+            torch.testing.assert_close(native[1], ref[1], **tol)
+            torch.testing.assert_close(native[2], ref[2], **tol)
+            torch.testing.assert_close(native[3], ref[3], **tol)
+            assert native[4] == ref[4] == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def _regularized_steps(model, reg, steps, x, opt_lr=0.05, before=None):

@@ -393,48 +393,80 @@ done:
     return status;
 }
 
-/* |W| of every layer into its buffer and the node degrees, D^-1/2 and D^1/2 (SpectralRegularizer._prepare):
- * one pass over the weights instead of an abs and two sums per layer. Degrees are accumulated in double.
- * w_addrs[l], buf_addrs[l]: C-contiguous (sizes[l+1], sizes[l]); deg, inv, sqrt_d: node order. stats =
- * {sum of the degrees (NaN/inf if a weight is not finite), number of nodes of degree <= 0}. Returns 0, or
- * -1 when out of memory. */
-TM_CHAIN_CLONES int FN(tm_chain_prepare)(int64_t n_layers, const int64_t *sizes, const int64_t *w_addrs, const int64_t *buf_addrs,
-                         REAL *deg, REAL *inv, REAL *sqrt_d, double *stats) {
-    int64_t n_nodes = 0;
-    for (int64_t l = 0; l < n_layers; l++) n_nodes += sizes[l];
-    double *acc = (double *)calloc((size_t)n_nodes, sizeof(double));
-    if (acc == NULL) return -1;
+typedef struct {
+    int64_t n_layers, n_nodes;
+    const int64_t *sizes, *w_addrs, *buf_addrs;
+    double *acc_rows, *acc_cols;
+    const tm_team *team;
+} FN(prep_job);
+
+/* Rows `part` of `parts` of every layer: |W| into its buffer, the row sums into acc_rows (each row its
+ * own entry) and the column sums into this part's own array of acc_cols, in double. */
+TM_CHAIN_CLONES static void FN(prepare_part)(const FN(prep_job) *job, int part, int parts) {
+    double *cols = job->acc_cols + (int64_t)part * job->n_nodes;
     int64_t off = 0;
-    for (int64_t l = 0; l + 1 < n_layers; l++) {
-        const REAL *w = (const REAL *)w_addrs[l];
-        REAL *a = (REAL *)buf_addrs[l];
-        int64_t n_in = sizes[l], n_out = sizes[l + 1];
-        double *col = acc + off, *row = acc + off + n_in;
-        for (int64_t i = 0; i < n_out; i++) {
+    for (int64_t l = 0; l + 1 < job->n_layers; l++) {
+        const REAL *w = (const REAL *)job->w_addrs[l];
+        REAL *a = (REAL *)job->buf_addrs[l];
+        int64_t n_in = job->sizes[l], n_out = job->sizes[l + 1], r0, r1;
+        tm_part_range(n_out, 1, part, parts, &r0, &r1);
+        double *col = cols + off, *row = job->acc_rows + off + n_in;
+        for (int64_t i = r0; i < r1; i++) {
             const REAL *wr = w + i * n_in;
             REAL *ar = a + i * n_in;
-            double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            double sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             int64_t j = 0;
             for (; j + 8 <= n_in; j += 8)
                 for (int t = 0; t < 8; t++) {
                     REAL v = (REAL)fabs((double)wr[j + t]);
                     ar[j + t] = v;
-                    part[t] += (double)v;
+                    sums[t] += (double)v;
                     col[j + t] += (double)v;
                 }
             for (; j < n_in; j++) {
                 REAL v = (REAL)fabs((double)wr[j]);
                 ar[j] = v;
-                part[0] += (double)v;
+                sums[0] += (double)v;
                 col[j] += (double)v;
             }
-            row[i] += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+            row[i] = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]));
         }
         off += n_in;
     }
+}
+
+static void FN(prepare_worker)(void *data) {
+    const FN(prep_job) *job = (const FN(prep_job) *)data;
+    int part, parts, before = tm_team_enter(job->team, &part, &parts);
+    FN(prepare_part)(job, part, parts);
+    tm_team_leave(job->team, before);
+}
+
+/* |W| of every layer into its buffer and the node degrees, D^-1/2 and D^1/2 (SpectralRegularizer._prepare):
+ * one pass over the weights instead of an abs and two sums per layer, split by rows over the team if there
+ * is one (team_spec, see tm_team_from; the column sums of the parts are added in a fixed order). Degrees are
+ * accumulated in double. w_addrs[l], buf_addrs[l]: C-contiguous (sizes[l+1], sizes[l]); deg, inv, sqrt_d:
+ * node order. stats = {sum of the degrees (NaN/inf if a weight is not finite), number of nodes of degree
+ * <= 0}. Returns 0, or -1 when out of memory. */
+int FN(tm_chain_prepare)(int64_t n_layers, const int64_t *sizes, const int64_t *w_addrs, const int64_t *buf_addrs,
+                         REAL *deg, REAL *inv, REAL *sqrt_d, double *stats, const int64_t *team_spec) {
+    int64_t n_nodes = 0;
+    for (int64_t l = 0; l < n_layers; l++) n_nodes += sizes[l];
+    tm_team team;
+    const tm_team *tp = tm_team_from(team_spec, &team);
+    int64_t n_parts = tp != NULL ? (int64_t)tp->n : 1;
+    double *acc = (double *)calloc((size_t)((1 + n_parts) * n_nodes + 1), sizeof(double));
+    if (acc == NULL) return -1;
+    FN(prep_job) job = {n_layers, n_nodes, sizes, w_addrs, buf_addrs, acc, acc + n_nodes, tp};
+    if (tp != NULL)
+        tm_team_run(tp, FN(prepare_worker), &job);
+    else
+        FN(prepare_part)(&job, 0, 1);
     double total = 0.0, n_iso = 0.0;
     for (int64_t v = 0; v < n_nodes; v++) {
-        REAL d = (REAL)acc[v];
+        double dv = acc[v];
+        for (int64_t t = 0; t < n_parts; t++) dv += acc[(1 + t) * n_nodes + v];
+        REAL d = (REAL)dv;
         deg[v] = d;
         total += (double)d;
         if (d <= 0) {

@@ -30,8 +30,8 @@ _SIGNATURES = {
     "tm_chain_step_f64": [_PTR] * 6 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
                                        _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     # SpectralRegularizer._prepare and _HFTrace.backward on chains (float32 / float64)
-    "tm_chain_prepare_f32": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
-    "tm_chain_prepare_f64": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "tm_chain_prepare_f32": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "tm_chain_prepare_f64": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "tm_chain_grad_f32": [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
     "tm_chain_grad_f64": [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
 }

@@ -1089,8 +1089,11 @@ class SpectralRegularizer:
         return [d if d is not None else torch.zeros(n, device=ref.device, dtype=ref.dtype)
                 for d, n in zip(deg, self.layer_sizes)]
 
-    def _solve(self, blocks: List[torch.Tensor], degrees: Optional[List[torch.Tensor]] = None) -> EigResult:
+    def _solve(self, blocks: List[torch.Tensor], degrees=None) -> EigResult:
+        """A full solve (cold, or from the last result); ``degrees``: per layer, or over all nodes."""
         sizes = self.layer_sizes
+        if isinstance(degrees, torch.Tensor):
+            degrees = list(degrees.split(sizes))
         detached = [(src, dst, a.detach()) for (src, dst), a in zip(self._pairs, blocks)]
         dtype = self.solver_dtype or blocks[0].dtype
         tol = self.tol if self.tol is not None else default_tol(dtype)
@@ -1197,11 +1200,11 @@ class SpectralRegularizer:
         return penalty
 
     def _prepare(self, ws: Sequence[torch.Tensor], device, cdtype: torch.dtype, native: Optional[bool] = None):
-        """``|W|`` blocks, node degrees (per layer), ``D^-1/2`` and ``D^1/2`` over all nodes, and the
+        """``|W|`` blocks, the node degrees, ``D^-1/2`` and ``D^1/2`` (over all nodes), and the
         number of isolated nodes, for the chain path (by the compiled pass if ``native``, default
         :meth:`_native_chain_ok`); raises on non-finite weights."""
         if native if native is not None else self._native_chain_ok(ws, cdtype):
-            stats, prepared = self._native_prepare_start([w.detach() for w in ws], cdtype)
+            stats, prepared = self._native_prepare_start(ws, cdtype)
             self._native_prepare_run(prepared)
             total_degree, n_isolated = stats.tolist()
             if not math.isfinite(total_degree):
@@ -1218,7 +1221,7 @@ class SpectralRegularizer:
         if not math.isfinite(total_degree):
             self._check_finite()  # raises, naming the parameter
         # Once over all layers (the solver and the HF loss take per-layer views).
-        return blocks, deg, _safe_rsqrt(flat), flat.clamp_min(0).sqrt(), int(n_isolated)
+        return blocks, flat, _safe_rsqrt(flat), flat.clamp_min(0).sqrt(), int(n_isolated)
 
     def _native_chain_ok(self, ws: Sequence[torch.Tensor], cdtype: torch.dtype) -> bool:
         """Whether the compiled prepare/gradient kernels take these weights (CPU, contiguous, all
@@ -1229,8 +1232,10 @@ class SpectralRegularizer:
             return False
         return _native.kernels() is not None and _native.blas_lapack("s" if cdtype == torch.float32 else "d") is not None
 
-    def _native_prepare_start(self, ws: Sequence[torch.Tensor], cdtype: torch.dtype):
-        """The buffers :meth:`_native_prepare_run` fills: ``(stats, (blocks, degrees per layer, D^-1/2, D^1/2))``."""
+    def _native_prepare_start(self, ws: Sequence[torch.Tensor], cdtype: torch.dtype, single_thread: bool = False):
+        """The buffers :meth:`_native_prepare_run` fills: ``(stats, (blocks, degrees, D^-1/2, D^1/2))``, the
+        degrees over all nodes (node order). ``single_thread``: no split over torch's threads (the
+        worker thread of ``overlap``)."""
         blocks = self._abs_blocks(ws, ws[0].device, cdtype, fill=False)
         n = sum(self.layer_sizes)
         deg, inv_all, sqrt_all = (torch.empty(n, dtype=cdtype) for _ in range(3))
@@ -1241,9 +1246,9 @@ class SpectralRegularizer:
         b_addrs = _addresses(blocks, self._addr_cache)
         sizes = _int64s(self.layer_sizes, self._addr_cache)
         args = (len(self.layer_sizes), sizes.data_ptr(), w_addrs.data_ptr(), b_addrs.data_ptr(), deg.data_ptr(),
-                inv_all.data_ptr(), sqrt_all.data_ptr(), stats.data_ptr())
+                inv_all.data_ptr(), sqrt_all.data_ptr(), stats.data_ptr(), _team_address(single_thread))
         call = (fn, args, (ws, w_addrs, b_addrs, sizes))
-        return stats, (blocks, list(deg.split(self.layer_sizes)), inv_all, sqrt_all, deg, call)
+        return stats, (blocks, deg, inv_all, sqrt_all, deg, call)
 
     @staticmethod
     def _native_prepare_run(prepared) -> None:
@@ -1330,7 +1335,7 @@ class SpectralRegularizer:
         if not self.overlap or not self._native_chain_ok(ws, cdtype):
             return
         with torch.no_grad():
-            stats, prepared = self._native_prepare_start(ws, cdtype)
+            stats, prepared = self._native_prepare_start(ws, cdtype, single_thread=True)
             blocks, _, inv_all, sqrt_all = prepared[:4]
             plan = self._lean_plan(blocks, inv_all, sqrt_all, cdtype, 0)
             if plan is None or getattr(plan[0], "__func__", None) is not _ChainGram.step_native:
