@@ -166,7 +166,7 @@ static REAL *FN(aligned_arrays)(const int64_t *lens, int n, REAL **out) {
  * inv, sqrt_d (node order, length N). Outputs: x_rows, mx_rows (k x N, node order), zt_out (m x ns),
  * theta_out (m), res_out (k), eig_out (k: the eigenvalues 1 - sigma), q_out (k: the Rayleigh quotients
  * x_i^T (M x)_i of the rows returned, summed in double: the penalty's terms), stats = {worst residual,
- * min sigma2, smallest Ritz value, number of sigma2 >= zero_sigma2}.
+ * min sigma2, smallest Ritz value, number of sigma2 >= zero_sigma2, sum of the q_i in double}.
  *
  * set_local_threads (MKL's MKL_Set_Num_Threads_Local, or NULL): if given, the step runs its BLAS/LAPACK
  * calls on one thread (restored on return): the regularizer's worker thread, which runs next to torch's
@@ -351,6 +351,7 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
     {
         const REAL r2 = (REAL)(1.0 / sqrt(2.0));
         int64_t n_nodes_total = n_nodes;
+        double q_sum = 0.0;
         for (int64_t i = 0; i < k; i++) {
             REAL sg = (REAL)sqrt((double)sigma2_out[i]);
             if (sg < tiny) sg = tiny;
@@ -374,6 +375,7 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
             double qi = 0.0;
             for (int64_t v = 0; v < n_nodes_total; v++) qi += (double)xr[v] * (double)mr[v];
             q_out[i] = (REAL)qi;
+            q_sum += qi;
         }
         memcpy(zt_out, zt, (size_t)(m * ns) * sizeof(REAL));
         memcpy(theta_out, theta, (size_t)m * sizeof(REAL));
@@ -381,6 +383,7 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
         stats[1] = sigma2_k;
         stats[2] = smallest;
         stats[3] = n_zero;
+        stats[4] = q_sum;
         status = (int)(it + 1);
         goto done;
     }

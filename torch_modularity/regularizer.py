@@ -408,7 +408,8 @@ class _ChainGram:
         Returns ``(result, x_rows, mx_rows, n_zero, q)``: an :class:`EigResult` (``method="gram"``),
         the eigenvectors ``X^T`` and ``(M X)^T`` as rows ``(k, N)`` in node order, how many of the
         ``k`` eigenvalues are at most ``zero_tol``, and the Rayleigh quotients ``x_i^T (M x)_i``
-        (``None`` here; the compiled step computes them); or ``None`` when the step cannot be trusted
+        with their sum in double, ``(q, q_sum)`` (``None`` here; the compiled step computes them);
+        or ``None`` when the step cannot be trusted
         (non-finite values, a vanishing ``sigma_k``, or no convergence).
         """
         dtype = blocks[0].dtype
@@ -547,7 +548,7 @@ class _ChainGram:
         out = dict(x=torch.empty(k, n, dtype=dtype), mx=torch.empty(k, n, dtype=dtype),
                    zt=torch.empty(m, self.n_small, dtype=dtype), theta=torch.empty(m, dtype=dtype),
                    res=torch.empty(k, dtype=dtype), eig=torch.empty(k, dtype=dtype), q=torch.empty(k, dtype=dtype),
-                   stats=torch.zeros(4, dtype=torch.float64),
+                   stats=torch.zeros(5, dtype=torch.float64),
                    keep=(blocks, zt, theta, prev, addrs, inv_all, sqrt_all))  # alive until the call returns
         cached = self._next_cut
         smallest = cached[1] if cached is not None and cached[0] is warm.ritz_values else float(theta[m - 1])
@@ -566,21 +567,21 @@ class _ChainGram:
             raise MemoryError("the compiled regularizer step could not allocate its work arrays")
         if status <= 0:
             return None  # not trustworthy (or a LAPACK error): the generic route decides
-        _, _, smallest, n_zero = out["stats"].tolist()
+        _, _, smallest, n_zero, q_sum = out["stats"].tolist()
         result = EigResult(
             eigenvalues=out["eig"], eigenvectors=out["x"].T, block=out["zt"].T, ritz_values=out["theta"],
             residuals=out["res"], iterations=status, matvecs=(degree + 2) * status, converged=True, method="gram",
             num_isolated=num_isolated,
         )
         self._next_cut = (out["theta"], smallest)
-        return result, out["x"], out["mx"], int(n_zero), out["q"]
+        return result, out["x"], out["mx"], int(n_zero), (out["q"], q_sum)
 
 
 class _HFState:
     """Inputs of one penalty evaluation, kept alive by its autograd graph (weak-referenceable)."""
 
     __slots__ = ("blocks", "sizes", "inv", "x", "mx", "sqrt_d", "scratch", "u", "us", "ps", "acc", "done",
-                 "native", "pre_grads", "pre_c", "addr_cache", "k", "weight", "q", "__weakref__")
+                 "native", "pre_grads", "pre_c", "addr_cache", "k", "weight", "q", "q_sum", "__weakref__")
 
     def __init__(self, blocks, sizes, inv, x, mx=None, sqrt_d=None, scratch=None, k=0, weight=1.0, q=None):
         # All vectors as rows over the whole graph: x is X^T (k, N), inv / sqrt_d are D^-1/2 and
@@ -600,8 +601,9 @@ class _HFState:
         self.pre_c: Optional[torch.Tensor] = None
         self.addr_cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None
         # The penalty is weight * (k - sum_i q_i); q: the quotients, given by the compiled step
-        # (for x and M X of these weights) or set by the forward.
+        # (for x and M X of these weights, with q_sum, their sum in double) or set by the forward.
         self.k, self.weight, self.q = k, weight, q
+        self.q_sum: Optional[float] = None
 
 
 class _HFTrace(torch.autograd.Function):
@@ -630,6 +632,8 @@ class _HFTrace(torch.autograd.Function):
             state.q = _HFTrace._quotients(state, blocks, x)
         elif state.q is None:
             state.q = (x * state.mx).sum(dim=1)  # q = x^T (M x); the compiled backward needs nothing more
+        if state.q_sum is not None:  # one op: each small op costs ~10 us next to the compiled step
+            return torch.full((), state.weight * (state.k - state.q_sum), dtype=x.dtype, device=x.device)
         return state.q.sum().neg_().add_(state.k).mul_(state.weight)
 
     @staticmethod
@@ -1185,7 +1189,9 @@ class SpectralRegularizer:
         state = _HFState(blocks, self.layer_sizes, inv_all, x, mx, sqrt_all, self._sign_scratch, self.k,
                          self.weight)
         if mx is not None and native:
-            state.native, state.addr_cache, state.q = True, self._addr_cache, q_known
+            state.native, state.addr_cache = True, self._addr_cache
+            if q_known is not None:
+                state.q, state.q_sum = q_known
             if prefetched is not None and prefetched[3] is not None:
                 state.pre_grads, state.pre_c = prefetched[3]
         penalty = _HFTrace.apply(state, *ws)
