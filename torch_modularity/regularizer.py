@@ -252,6 +252,11 @@ def _addresses(tensors: Sequence[torch.Tensor], cache: Optional[Dict[Tuple[int, 
     return _int64s([t.data_ptr() for t in tensors], cache)
 
 
+def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous tensor of ``dtype``: itself when it already is (no torch op: a few us each)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype=dtype).contiguous()
+
+
 def _team_address(single_thread: bool) -> Optional[int]:
     """The compiled kernels' OpenMP team (:func:`_native.openmp_team`) for torch's current thread
     count, or ``None`` (one thread: the worker thread of ``overlap``, or torch set to one)."""
@@ -335,6 +340,7 @@ class _ChainGram:
         self.small = [l for l in range(n_layers) if coloring[l] == small]
         self.large = [l for l in range(n_layers) if coloring[l] != small]
         self.bounds = self._offsets(self.small)  # column range of each small-side layer
+        self.small_flags = [int(l in self.bounds) for l in range(n_layers)]
         self.large_bounds = self._offsets(self.large)
         self._orders: Dict[torch.device, torch.Tensor] = {}
         self.n_small = sum(sizes[l] for l in self.small)
@@ -528,27 +534,24 @@ class _ChainGram:
         lib = _native.kernels()
         fns = _native.blas_lapack("s" if dtype == torch.float32 else "d")
         fn = lib.tm_chain_step_f32 if dtype == torch.float32 else lib.tm_chain_step_f64
-        zt = warm.block.T.to(dtype=dtype).contiguous()
+        zt = _contiguous_as(warm.block.T, dtype)
         m = zt.shape[0]
-        theta = warm.ritz_values.to(dtype=dtype).contiguous()
+        theta = _contiguous_as(warm.ritz_values, dtype)
         if zt.shape[1] != self.n_small or theta.numel() < m or m < k:
             return None
         prev = None
         if previous is not None and previous.shape == warm.block.shape:
-            prev = previous.T.to(dtype=dtype).contiguous()
+            prev = _contiguous_as(previous.T, dtype)
         blocks = [b if b.is_contiguous() else b.contiguous() for b in blocks]
         sizes_t = _int64s(self.sizes, self._addr_cache)
-        small_t = _int64s([int(l in self.bounds) for l in range(len(self.sizes))], self._addr_cache)
+        small_t = _int64s(self.small_flags, self._addr_cache)
         addrs = _addresses(blocks, self._addr_cache)
-        if inv_all.dtype != dtype or not inv_all.is_contiguous():
-            inv_all = inv_all.to(dtype=dtype).contiguous()
-        if sqrt_all.dtype != dtype or not sqrt_all.is_contiguous():
-            sqrt_all = sqrt_all.to(dtype=dtype).contiguous()
+        inv_all, sqrt_all = _contiguous_as(inv_all, dtype), _contiguous_as(sqrt_all, dtype)
         n = inv_all.numel()
         out = dict(x=torch.empty(k, n, dtype=dtype), mx=torch.empty(k, n, dtype=dtype),
                    zt=torch.empty(m, self.n_small, dtype=dtype), theta=torch.empty(m, dtype=dtype),
                    res=torch.empty(k, dtype=dtype), eig=torch.empty(k, dtype=dtype), q=torch.empty(k, dtype=dtype),
-                   stats=torch.zeros(5, dtype=torch.float64),
+                   stats=torch.empty(5, dtype=torch.float64),  # read only after a successful call
                    keep=(blocks, zt, theta, prev, addrs, inv_all, sqrt_all))  # alive until the call returns
         cached = self._next_cut
         smallest = cached[1] if cached is not None and cached[0] is warm.ritz_values else float(theta[m - 1])
