@@ -289,6 +289,46 @@ def test_native_kernels_split_over_torch_threads_match_one_thread(dtype):
             torch.testing.assert_close(a, b, rtol=0, atol=close * max(1.0, float(b.abs().max())))
 
 
+def test_native_kernels_reuse_their_workspace_with_identical_results():
+    """The compiled kernels carve their work arrays from the regularizer's workspace once it has
+    grown to their need (no allocation per step), with results bit for bit those of kernels that
+    allocate their own; a copied regularizer starts with an empty workspace of its own."""
+    from torch_modularity import _native
+    from torch_modularity.regularizer import _native_chain_grads
+
+    if not _native_step_available():
+        pytest.skip("compiled regularizer step not available on this platform")
+    reg, blocks, inv_all, sqrt_all = _trained_state([30, 24, 20, 16, 6], torch.float64)
+    gram, warm = reg._chain_gram, reg.last_result
+    ws = [w.detach() for w in reg._weights()]
+    c = torch.linspace(-1.0, 0.5, reg.k, dtype=torch.float64)
+    args = (warm, reg.k, 1, 1e-8, 8, 0, 1e-5)
+    cut = gram._next_cut
+    work = _native.Workspace()
+    runs = []
+    for use in (None, work, work):  # own allocations; the workspace growing; the workspace reused
+        gram.work, gram._next_cut = use, cut
+        res, x, mx, _, _ = gram.step_native(blocks, inv_all, sqrt_all, *args)
+        grads = _native_chain_grads(ws, x, mx, inv_all, sqrt_all, c, work=use)
+        runs.append((res.eigenvalues, x, mx, *grads))
+        if use is not None:
+            assert work.buffer is not None and work.spec[2] <= work.buffer.numel()
+    size = work.buffer.numel()
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+    assert work.buffer.numel() == size  # no regrowth once fitted
+    # the regularizer's own workspace: grown by its first compiled step, not copied with it
+    model = _mlp([30, 24, 20, 16, 6], seed=3, dtype=torch.float64)
+    live = SpectralRegularizer(model, n_eigs=4, backend="native")
+    for _ in range(3):
+        live().backward()
+    assert live._work.buffer is not None and live._work.spec[2] <= live._work.buffer.numel()
+    copied = copy.deepcopy(live)
+    assert copied._work is not live._work and copied._work.buffer is None
+    copied().backward()  # grows its own
+
+
 def test_native_step_reports_failure_and_the_regularizer_falls_back():
     """No convergence within max_iter (tol 0): the compiled step returns None like the torch one,
     and the regularizer falls back to the generic solver with a correct value."""

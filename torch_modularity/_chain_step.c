@@ -15,6 +15,22 @@ static void *tm_aligned_alloc(size_t size) { return aligned_alloc(64, (size + 63
 static void tm_aligned_free(void *p) { free(p); }
 #endif
 
+/* Scratch memory of `bytes` bytes, 64-byte aligned: the caller's workspace when it is large enough, else a
+ * fresh allocation (returned in *owned too: free it with tm_aligned_free). spec: NULL, or {address,
+ * capacity in bytes, bytes needed (raised to the largest request seen)}: the caller grows its workspace to
+ * the need after a call, so that later calls allocate nothing (the regularizer's per-step work arrays,
+ * ~0.7 MB on the paper MLP, otherwise churn the heap and page-fault every step). */
+static void *tm_scratch(int64_t *spec, int64_t bytes, void **owned) {
+    *owned = NULL;
+    if (bytes < 64) bytes = 64;
+    if (spec != NULL) {
+        if (bytes + 64 > spec[2]) spec[2] = bytes + 64;
+        if (spec[0] != 0 && spec[1] >= bytes + 64) return (void *)(((uintptr_t)spec[0] + 63) & ~(uintptr_t)63);
+    }
+    *owned = tm_aligned_alloc((size_t)bytes);
+    return *owned;
+}
+
 /* Elementwise loops compiled for AVX2 and for the x86-64 baseline, picked at load time (GCC
  * function multi-versioning); vectorizing them does not reorder any sum (see _kernels.c). */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)

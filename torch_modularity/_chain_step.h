@@ -142,13 +142,13 @@ static int FN(orthonormal_rows)(const FN(chain_ctx) *cx, REAL *t, int64_t rows, 
     return info != 0 ? -2 : 0;
 }
 
-/* One 64-byte aligned allocation carved into n arrays of lens[i] elements (each starting 64-byte aligned);
- * NULL when out of memory. Free with tm_aligned_free. */
-static REAL *FN(aligned_arrays)(const int64_t *lens, int n, REAL **out) {
+/* One 64-byte aligned block of scratch (tm_scratch: the workspace `spec`, or allocated into *owned) carved
+ * into n arrays of lens[i] elements (each starting 64-byte aligned); NULL when out of memory. */
+static REAL *FN(aligned_arrays)(const int64_t *lens, int n, REAL **out, int64_t *spec, void **owned) {
     const int64_t per_line = 64 / (int64_t)sizeof(REAL);
     int64_t total = 0;
     for (int i = 0; i < n; i++) total += (lens[i] + per_line - 1) / per_line * per_line;
-    REAL *mem = (REAL *)tm_aligned_alloc((size_t)(total > 0 ? total : per_line) * sizeof(REAL));
+    REAL *mem = (REAL *)tm_scratch(spec, total * (int64_t)sizeof(REAL), owned);
     if (mem == NULL) return NULL;
     int64_t off = 0;
     for (int i = 0; i < n; i++) {
@@ -170,13 +170,14 @@ static REAL *FN(aligned_arrays)(const int64_t *lens, int n, REAL **out) {
  *
  * set_local_threads (MKL's MKL_Set_Num_Threads_Local, or NULL): if given, the step runs its BLAS/LAPACK
  * calls on one thread (restored on return): the regularizer's worker thread, which runs next to torch's
- * threads, passes it. */
+ * threads, passes it. team_spec: see tm_team_from; work_spec: see tm_scratch (NULL: allocate). */
 int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *set_local_threads, const int64_t *team_spec,
                       int64_t n_layers, const int64_t *sizes,
                       const int64_t *block_addrs, const int64_t *is_small, const REAL *inv, const REAL *sqrt_d,
                       const REAL *warm, const REAL *theta_in, const REAL *previous, int64_t m, int64_t k, int64_t degree,
                       double tol, int64_t max_iter, double zero_sigma2, double smallest, REAL *x_rows, REAL *mx_rows,
-                      REAL *zt_out, REAL *theta_out, REAL *res_out, REAL *eig_out, REAL *q_out, double *stats) {
+                      REAL *zt_out, REAL *theta_out, REAL *res_out, REAL *eig_out, REAL *q_out, double *stats,
+                      int64_t *work_spec) {
     FN(chain_ctx) cx;
     cx.gemm = (FN(gemm_fn))gemm;
     cx.syevd = (FN(syevd_fn))syevd;
@@ -216,10 +217,11 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
                             m, m, ns, ns, nl, nl, lwork, n_syevd_work, k * nl, k * ns, k * ns, k};
     enum { N_ARRAYS = sizeof(lens) / sizeof(lens[0]) };
     REAL *arr[N_ARRAYS];
-    REAL *mem = FN(aligned_arrays)(lens, N_ARRAYS, arr);
+    void *owned;
+    REAL *mem = FN(aligned_arrays)(lens, N_ARRAYS, arr, work_spec, &owned);
     int *iwork = (int *)malloc((size_t)n_syevd_iwork * sizeof(int));
     if (mem == NULL || iwork == NULL) {
-        tm_aligned_free(mem);
+        tm_aligned_free(owned);
         free(iwork);
         if (set_local_threads != NULL) ((set_threads_fn)set_local_threads)(threads_before);
         return -1;
@@ -390,7 +392,7 @@ int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *s
 done_fail:
     status = 0;
 done:
-    tm_aligned_free(mem);
+    tm_aligned_free(owned);
     free(iwork);
     if (set_local_threads != NULL) ((set_threads_fn)set_local_threads)(threads_before);
     return status;
@@ -450,16 +452,20 @@ static void FN(prepare_worker)(void *data) {
  * is one (team_spec, see tm_team_from; the column sums of the parts are added in a fixed order). Degrees are
  * accumulated in double. w_addrs[l], buf_addrs[l]: C-contiguous (sizes[l+1], sizes[l]); deg, inv, sqrt_d:
  * node order. stats = {sum of the degrees (NaN/inf if a weight is not finite), number of nodes of degree
- * <= 0}. Returns 0, or -1 when out of memory. */
+ * <= 0}. work_spec: see tm_scratch. Returns 0, or -1 when out of memory. */
 int FN(tm_chain_prepare)(int64_t n_layers, const int64_t *sizes, const int64_t *w_addrs, const int64_t *buf_addrs,
-                         REAL *deg, REAL *inv, REAL *sqrt_d, double *stats, const int64_t *team_spec) {
+                         REAL *deg, REAL *inv, REAL *sqrt_d, double *stats, const int64_t *team_spec,
+                         int64_t *work_spec) {
     int64_t n_nodes = 0;
     for (int64_t l = 0; l < n_layers; l++) n_nodes += sizes[l];
     tm_team team;
     const tm_team *tp = tm_team_from(team_spec, &team);
     int64_t n_parts = tp != NULL ? (int64_t)tp->n : 1;
-    double *acc = (double *)calloc((size_t)((1 + n_parts) * n_nodes + 1), sizeof(double));
+    int64_t n_acc = (1 + n_parts) * n_nodes + 1;
+    void *owned;
+    double *acc = (double *)tm_scratch(work_spec, n_acc * (int64_t)sizeof(double), &owned);
     if (acc == NULL) return -1;
+    memset(acc, 0, (size_t)n_acc * sizeof(double));
     FN(prep_job) job = {n_layers, n_nodes, sizes, w_addrs, buf_addrs, acc, acc + n_nodes, tp};
     if (tp != NULL)
         tm_team_run(tp, FN(prepare_worker), &job);
@@ -481,7 +487,7 @@ int FN(tm_chain_prepare)(int64_t n_layers, const int64_t *sizes, const int64_t *
             inv[v] = (REAL)(1.0 / sqrt((double)d));
         }
     }
-    free(acc);
+    tm_aligned_free(owned);
     stats[0] = total;
     stats[1] = n_iso;
     return 0;
@@ -531,18 +537,20 @@ static void FN(grad_worker)(void *data) {
  * M X given (mx_rows): _HFTrace.backward written out. Per layer one gemm with inner dimension k + 2
  * (dq/dA_l = 2 U_{l+1} diag(c) U_l^T + g_{l+1} 1^T + 1 g_l^T, U = D^-1/2 X, g the path through the
  * degrees) and one pass that applies sign(W), split by rows over the team if there is one.
- * grad_addrs[l]: C-contiguous (sizes[l+1], sizes[l]) outputs. Returns 0, or -1 when out of memory. */
+ * grad_addrs[l]: C-contiguous (sizes[l+1], sizes[l]) outputs. work_spec: see tm_scratch. Returns 0, or -1
+ * when out of memory. */
 int FN(tm_chain_grad)(void *gemm, void *set_local_threads, const int64_t *team_spec, int64_t n_layers,
                       const int64_t *sizes, const int64_t *w_addrs, const REAL *x_rows, const REAL *mx_rows,
-                      const REAL *inv, const REAL *sqrt_d, int64_t k, const REAL *c, const int64_t *grad_addrs) {
+                      const REAL *inv, const REAL *sqrt_d, int64_t k, const REAL *c, const int64_t *grad_addrs,
+                      int64_t *work_spec) {
     typedef int (*set_threads_fn)(int);
     int64_t n_nodes = 0;
     for (int64_t l = 0; l < n_layers; l++) n_nodes += sizes[l];
     int64_t rows = k + 2;
     const int64_t lens[] = {rows * n_nodes, rows * n_nodes};
     REAL *arr[2];
-    REAL *mem = FN(aligned_arrays)(lens, 2, arr);
-    if (mem == NULL) return -1;
+    void *owned;
+    if (FN(aligned_arrays)(lens, 2, arr, work_spec, &owned) == NULL) return -1;
     REAL *left = arr[0], *right = arr[1];
     REAL *g = left + k * n_nodes; /* row k of left: the degree term */
     for (int64_t v = 0; v < n_nodes; v++) g[v] = 0;
@@ -576,7 +584,7 @@ int FN(tm_chain_grad)(void *gemm, void *set_local_threads, const int64_t *team_s
     else
         FN(grad_part)(&job, 0, 1);
     if (set_local_threads != NULL) ((set_threads_fn)set_local_threads)(threads_before);
-    tm_aligned_free(mem);
+    tm_aligned_free(owned);
     return 0;
 }
 

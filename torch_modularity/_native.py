@@ -26,14 +26,15 @@ _SIGNATURES = {
     # regularizer._ChainGram.step (float32 / float64): four BLAS/LAPACK function pointers, MKL's
     # mkl_set_num_threads_local (or NULL), the OpenMP team (openmp_team(), or NULL), then the step's arrays
     "tm_chain_step_f32": [_PTR] * 6 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
-                                       _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+                                       _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
     "tm_chain_step_f64": [_PTR] * 6 + [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _F64,
-                                       _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
-    # SpectralRegularizer._prepare and _HFTrace.backward on chains (float32 / float64)
-    "tm_chain_prepare_f32": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
-    "tm_chain_prepare_f64": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
-    "tm_chain_grad_f32": [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
-    "tm_chain_grad_f64": [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR],
+                                       _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    # SpectralRegularizer._prepare and _HFTrace.backward on chains (float32 / float64); the three chain
+    # kernels end with a Workspace's address (or NULL)
+    "tm_chain_prepare_f32": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "tm_chain_prepare_f64": [_I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "tm_chain_grad_f32": [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR],
+    "tm_chain_grad_f64": [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR],
 }
 
 
@@ -133,3 +134,41 @@ def openmp_team(threads: int) -> Optional[torch.Tensor]:
     if threads <= 1 or routines is None:
         return None
     return torch.tensor([*routines, mkl_set_num_threads_local() or 0, threads], dtype=torch.int64)
+
+
+class Workspace:
+    """Scratch memory the compiled chain kernels reuse from call to call for their work arrays.
+
+    A kernel given :attr:`address` carves its arrays from :attr:`buffer` when it is large enough,
+    else allocates them itself, and records how many bytes it needed; :meth:`fit` then grows the
+    buffer to that, so later calls allocate nothing. Freeing and re-allocating ~0.7 MB of work
+    arrays every step (paper MLP) churned the heap: glibc returned the pages to the system and
+    the next step page-faulted them back in. One workspace serves kernels that never run at the
+    same time (one thread); a copy starts empty.
+    """
+
+    __slots__ = ("spec", "buffer")
+
+    def __init__(self) -> None:
+        self.spec = (ctypes.c_int64 * 3)()  # address, capacity in bytes, bytes needed (set by the kernels)
+        self.buffer: Optional[torch.Tensor] = None
+
+    @property
+    def address(self) -> int:
+        """The address to pass to a kernel (the buffer's, refreshed: never a stale pointer)."""
+        buf = self.buffer
+        self.spec[0] = buf.data_ptr() if buf is not None else 0
+        self.spec[1] = buf.numel() if buf is not None else 0
+        return ctypes.addressof(self.spec)
+
+    def fit(self) -> None:
+        """Grow the buffer to what the kernels called since reported they need."""
+        need = self.spec[2]
+        if need > (self.buffer.numel() if self.buffer is not None else 0):
+            self.buffer = torch.empty(need, dtype=torch.uint8)
+
+    def __deepcopy__(self, memo) -> "Workspace":
+        return Workspace()
+
+    def __reduce__(self):
+        return Workspace, ()

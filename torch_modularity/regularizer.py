@@ -268,7 +268,8 @@ def _team_address(single_thread: bool) -> Optional[int]:
 
 def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Tensor, inv_all: torch.Tensor,
                        sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False,
-                       cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None):
+                       cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None,
+                       work: Optional[_native.Workspace] = None):
     """``(kernel, arguments, gradients)`` of :func:`_native_chain_grads`, everything allocated (the
     inputs may be filled later, before the call)."""
     dtype = x.dtype
@@ -284,19 +285,22 @@ def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Te
     args = (gemm, _native.mkl_set_num_threads_local() if single_thread else None, _team_address(single_thread),
             len(sizes), sizes_t.data_ptr(),
             w_addrs.data_ptr(), x.data_ptr(), mx.data_ptr(), inv_all.data_ptr(), sqrt_all.data_ptr(), x.shape[0],
-            c.data_ptr(), g_addrs.data_ptr())
-    return fn, args, (grads, (ws, w_addrs, g_addrs, sizes_t, c, x, mx, inv_all, sqrt_all))
+            c.data_ptr(), g_addrs.data_ptr(), work.address if work is not None else None)
+    return fn, args, (grads, (ws, w_addrs, g_addrs, sizes_t, c, x, mx, inv_all, sqrt_all, work))
 
 
 def _native_chain_grads(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Tensor, inv_all: torch.Tensor,
                         sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False,
-                        cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None) -> List[torch.Tensor]:
+                        cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None,
+                        work: Optional[_native.Workspace] = None) -> List[torch.Tensor]:
     """Weight gradients of ``sum_i c_i x_i^T M(W) x_i`` (``_HFTrace.backward`` with ``M X`` known) by
     the compiled kernel: one GEMM and one sign pass per layer, the GIL released. All inputs CPU,
     contiguous, of the weights' dtype. ``single_thread``: MKL on one thread (else torch's setting)."""
-    fn, args, (grads, _) = _native_grads_call(ws, x, mx, inv_all, sqrt_all, c, single_thread, cache)
+    fn, args, (grads, _) = _native_grads_call(ws, x, mx, inv_all, sqrt_all, c, single_thread, cache, work)
     if fn(*args) != 0:
         raise MemoryError("the compiled regularizer kernel could not allocate its work arrays")
+    if work is not None:
+        work.fit()
     return grads
 
 
@@ -329,8 +333,9 @@ class _ChainGram:
     :func:`chebyshev_eigs` for cold starts and whenever this step reports a problem.
     """
 
-    def __init__(self, sizes: Sequence[int]) -> None:
+    def __init__(self, sizes: Sequence[int], work: Optional[_native.Workspace] = None) -> None:
         n_layers = len(sizes)
+        self.work = work  # scratch of the compiled step (calls on the caller's thread only)
         coloring = layer_coloring(n_layers, [(l, l + 1) for l in range(n_layers - 1)])
         side = [0, 0]
         for c, n in zip(coloring, sizes):
@@ -522,7 +527,10 @@ class _ChainGram:
         if call is None:
             return None
         fn, args, outputs = call
-        return self.native_finish(outputs, fn(*args), degree, num_isolated)
+        status = fn(*args)
+        if self.work is not None:
+            self.work.fit()
+        return self.native_finish(outputs, status, degree, num_isolated)
 
     def native_call(self, blocks, inv_all, sqrt_all, warm: EigResult, k: int, degree: int, tol: float, max_iter: int,
                     zero_tol: float, previous: Optional[torch.Tensor], single_thread: bool):
@@ -561,7 +569,8 @@ class _ChainGram:
                 zt.data_ptr(), theta.data_ptr(), prev.data_ptr() if prev is not None else None, m, k, degree,
                 float(tol), max(1, max_iter), (1.0 - zero_tol) ** 2, float(smallest), out["x"].data_ptr(),
                 out["mx"].data_ptr(), out["zt"].data_ptr(), out["theta"].data_ptr(), out["res"].data_ptr(),
-                out["eig"].data_ptr(), out["q"].data_ptr(), out["stats"].data_ptr())
+                out["eig"].data_ptr(), out["q"].data_ptr(), out["stats"].data_ptr(),
+                self.work.address if self.work is not None and not single_thread else None)
         return fn, args, out
 
     def native_finish(self, out: Dict[str, Any], status: int, degree: int, num_isolated: int):
@@ -584,7 +593,7 @@ class _HFState:
     """Inputs of one penalty evaluation, kept alive by its autograd graph (weak-referenceable)."""
 
     __slots__ = ("blocks", "sizes", "inv", "x", "mx", "sqrt_d", "scratch", "u", "us", "ps", "acc", "done",
-                 "native", "pre_grads", "pre_c", "addr_cache", "k", "weight", "q", "q_sum", "__weakref__")
+                 "native", "pre_grads", "pre_c", "addr_cache", "work", "k", "weight", "q", "q_sum", "__weakref__")
 
     def __init__(self, blocks, sizes, inv, x, mx=None, sqrt_d=None, scratch=None, k=0, weight=1.0, q=None):
         # All vectors as rows over the whole graph: x is X^T (k, N), inv / sqrt_d are D^-1/2 and
@@ -603,6 +612,7 @@ class _HFState:
         self.pre_grads: Optional[List[torch.Tensor]] = None
         self.pre_c: Optional[torch.Tensor] = None
         self.addr_cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None
+        self.work: Optional[_native.Workspace] = None
         # The penalty is weight * (k - sum_i q_i); q: the quotients, given by the compiled step
         # (for x and M X of these weights, with q_sum, their sum in double) or set by the forward.
         self.k, self.weight, self.q = k, weight, q
@@ -668,7 +678,8 @@ class _HFTrace(torch.autograd.Function):
             if st.pre_grads is not None and torch.equal(c, st.pre_c):
                 grads = st.pre_grads  # computed ahead for exactly this cotangent
             else:
-                grads = _native_chain_grads(weights, st.x, st.mx, st.inv, st.sqrt_d, c, cache=st.addr_cache)
+                grads = _native_chain_grads(weights, st.x, st.mx, st.inv, st.sqrt_d, c, cache=st.addr_cache,
+                                            work=st.work)
             return (None, *[g if w.requires_grad else None for g, w in zip(grads, weights)])
         blocks, uts = st.blocks, st.us
         n_layers = len(st.sizes)
@@ -970,6 +981,7 @@ class SpectralRegularizer:
         self._prefetch: Optional[Dict[str, Any]] = None
         # int64 tensors (data pointers, layer sizes) for the compiled kernels, by value (see _int64s)
         self._addr_cache: Dict[Tuple[int, ...], torch.Tensor] = {}
+        self._work = _native.Workspace()  # the compiled kernels' scratch, reused across steps
         self._executor: Optional[ThreadPoolExecutor] = None
         self._prefetch_hook = None
         if self.normalize_relu:
@@ -1192,7 +1204,7 @@ class SpectralRegularizer:
         state = _HFState(blocks, self.layer_sizes, inv_all, x, mx, sqrt_all, self._sign_scratch, self.k,
                          self.weight)
         if mx is not None and native:
-            state.native, state.addr_cache = True, self._addr_cache
+            state.native, state.addr_cache, state.work = True, self._addr_cache, self._work
             if q_known is not None:
                 state.q, state.q_sum = q_known
             if prefetched is not None and prefetched[3] is not None:
@@ -1216,6 +1228,7 @@ class SpectralRegularizer:
         if native if native is not None else self._native_chain_ok(ws, cdtype):
             stats, prepared = self._native_prepare_start(ws, cdtype)
             self._native_prepare_run(prepared)
+            self._work.fit()
             total_degree, n_isolated = stats.tolist()
             if not math.isfinite(total_degree):
                 self._check_finite()  # raises, naming the parameter
@@ -1256,7 +1269,8 @@ class SpectralRegularizer:
         b_addrs = _addresses(blocks, self._addr_cache)
         sizes = _int64s(self.layer_sizes, self._addr_cache)
         args = (len(self.layer_sizes), sizes.data_ptr(), w_addrs.data_ptr(), b_addrs.data_ptr(), deg.data_ptr(),
-                inv_all.data_ptr(), sqrt_all.data_ptr(), stats.data_ptr(), _team_address(single_thread))
+                inv_all.data_ptr(), sqrt_all.data_ptr(), stats.data_ptr(), _team_address(single_thread),
+                None if single_thread else self._work.address)
         call = (fn, args, (ws, w_addrs, b_addrs, sizes))
         return stats, (blocks, deg, inv_all, sqrt_all, deg, call)
 
@@ -1276,7 +1290,7 @@ class SpectralRegularizer:
                 or (self.solver_dtype is not None and self.solver_dtype != cdtype)):
             return None
         if self._chain_gram is None:
-            self._chain_gram = _ChainGram(self.layer_sizes)
+            self._chain_gram = _ChainGram(self.layer_sizes, self._work)
         tol = self.tol if self.tol is not None else default_tol(cdtype)
         # Extrapolating pays when the weights move smoothly (Adam); with noisy steps (plain SGD
         # at a large rate) it doubles the noise and the step needs a second iteration. Then it
