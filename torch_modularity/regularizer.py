@@ -26,10 +26,11 @@ How (``performance.md`` section 5):
   finite and its gradient bounded; the gap opens within a few training steps.
 
 Cost (``benchmarks/bench_regularizer.py``, 784-256x4-10 MLP, batch 128, Adam, float32, the
-2-core CPU box run alone, 2026-11-28): a regularized step took ~1.5x a plain one on one thread
-(+49-50 %), ~1.6x on two (plain ~7 / ~5.6 ms; the naive dense-``eigh`` step ~110-135x), with a
-gradient error of ~1e-6 against float64 dense ``eigh``. On CPU chains the per-step work runs in
-three compiled calls (``_chain_step.h``, through the BLAS/LAPACK routines torch itself uses):
+2-core CPU box run alone, 2026-11-28): a regularized step took ~1.4-1.5x a plain one on one and
+on two threads (+40-48 % by medians in eight runs; the naive dense-``eigh`` step ~100-130x), with
+a gradient error of ~1e-6 against float64 dense ``eigh``. On CPU chains the per-step work runs in
+three compiled calls (``_chain_step.h``, through the BLAS/LAPACK routines torch itself uses, split
+over torch's own OpenMP threads when it runs on several, from a workspace kept between calls):
 |W| and the degrees in one pass over the weights; the eigensolver step; and the backward, one
 GEMM and one sign pass per layer. The step starts from the last two solves' wanted subspaces
 extrapolated linearly (weights move smoothly in training), then does one Chebyshev iteration of
@@ -828,11 +829,11 @@ class SpectralRegularizer:
             it and adopts it only if the weights are the same tensors, unchanged since (else, and
             for any other cotangent, it recomputes). CPU chains with the compiled backend only;
             skipped for eval-mode or no-grad forwards, pruned (``weight_orig``) models, and when
-            ``reg()`` is called before the forward. Off by default: on the 2-core box with one
-            torch thread it gave +37-45 % in some runs and +63 % in others (against a steady
-            +49-53 % without), apparently because two busy cores run at a lower clock than one;
-            measure on your machine (``bench_regularizer.py --overlap``). :meth:`remove` detaches
-            the hook and stops the thread.
+            ``reg()`` is called before the forward. Off by default: on the 2-core box it gave
+            +50 % with one torch thread and +81 % with two (the forward needs both cores),
+            against +40-48 % without; it may pay where cores are idle, so measure on your
+            machine (``bench_regularizer.py --overlap``). The worker runs its calls on one
+            thread. :meth:`remove` detaches the hook and stops the thread.
         example_input, kernel_norm, fold_batchnorm, include_dense, include_input: the graph
             options of :meth:`WeightGraph.from_module` (defaults: the research code's graphs:
             conv channels only for a CNN, every unit for an MLP; ``l1`` kernel norms; BatchNorm
