@@ -146,6 +146,10 @@ def test_native_regularizer_step_is_available_on_linux_x86_64():
     if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
         pytest.skip("the availability guarantee is for x86-64 Linux only")
     assert _native_step_available()
+    from torch_modularity import _native
+
+    # and torch's OpenMP team, which the kernels split their work over on several threads
+    assert _native.openmp_team(2) is not None
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])

@@ -113,7 +113,9 @@ def blas_lapack(prefix: str) -> Optional[Tuple[int, int, int, int]]:
 @functools.lru_cache(maxsize=1)
 def _openmp_routines() -> Optional[Tuple[int, int, int]]:
     lib = _torch_cpu_library()
-    if lib is None or not torch._C.has_openmp:
+    # Only where torch's own ops run on that team: a build whose ATen pool is not OpenMP would get
+    # a second set of threads next to its own.
+    if lib is None or not torch._C.has_openmp or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
     try:
         return tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
