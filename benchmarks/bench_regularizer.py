@@ -31,6 +31,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from torch_modularity import _native
 from torch_modularity.regularizer import SpectralRegularizer
 
 
@@ -172,6 +173,11 @@ def bench(args) -> Dict:
     out: Dict = {"device": str(device), "sizes": sizes, "nodes": sum(sizes), "threads": args.threads, "n_eigs": args.n_eigs,
                  "weight": args.weight, "every": args.every, "degree": args.degree, "block_size": args.block_size,
                  "solver_dtype": args.solver_dtype or "float32"}
+    ours = variants["ours"]["reg"]
+    # Which path ran: the compiled kernels grow the regularizer's workspace; with several threads
+    # they split their work over torch's OpenMP team when there is one.
+    out["compiled"] = ours._work.buffer is not None
+    out["openmp_team"] = out["compiled"] and _native.openmp_team(torch.get_num_threads()) is not None
     med = {name: statistics.median(v["times"]) for name, v in variants.items()}
     low = {name: min(v["times"]) for name, v in variants.items()}
     out["median_ms"] = {k: round(v * 1e3, 3) for k, v in med.items()}
@@ -259,9 +265,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=1))
         return
+    path = "compiled step" if out["compiled"] else "torch step"
+    if out["openmp_team"]:
+        path += ", split over torch's OpenMP team"
     print(f"[{out['device']}] MLP {'-'.join(map(str, out['sizes']))} ({out['nodes']} nodes), batch 128, Adam, float32, "
           f"{out['threads']} threads; n_eigs={out['n_eigs']} weight={out['weight']} every={out['every']} "
-          f"degree={out['degree']} block={out['block_size'] or 'k+8'} solver={out['solver_dtype']}")
+          f"degree={out['degree']} block={out['block_size'] or 'k+8'} solver={out['solver_dtype']}; {path}")
     for k, v in out["median_ms"].items():
         print(f"  {k:6s} step: {v:9.2f} ms median, {out['min_ms'][k]:9.2f} ms min")
     print(f"  overhead of ours: {100 * out['overhead_ours']:+.1f} % of the plain step (medians; "
