@@ -227,7 +227,8 @@ def test_native_step_matches_torch_step(dtype, sizes, degree, extrapolate):
     assert q_ref is None  # the torch step leaves the quotients to the penalty's forward
     # the compiled step's quotients are x_i^T (M x)_i of its own output
     q_out, q_sum = q_out
-    torch.testing.assert_close(q_out, (x_out * mx_out).sum(dim=1), rtol=0, atol=1e-13 if dtype == torch.float64 else 1e-6)
+    q_tol = 1e-13 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(q_out, (x_out * mx_out).sum(dim=1), rtol=0, atol=q_tol)
     assert q_sum == pytest.approx(float(q_out.double().sum()), abs=1e-12 if dtype == torch.float64 else 1e-5)
     close = 1e-12 if dtype == torch.float64 else 2e-5
     assert r_out.iterations == r_ref.iterations and z_out == z_ref

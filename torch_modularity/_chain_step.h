@@ -171,8 +171,8 @@ static REAL *FN(aligned_arrays)(const int64_t *lens, int n, REAL **out, int64_t 
  * set_local_threads (MKL's MKL_Set_Num_Threads_Local, or NULL): if given, the step runs its BLAS/LAPACK
  * calls on one thread (restored on return): the regularizer's worker thread, which runs next to torch's
  * threads, passes it. team_spec: see tm_team_from; work_spec: see tm_scratch (NULL: allocate). */
-int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *set_local_threads, const int64_t *team_spec,
-                      int64_t n_layers, const int64_t *sizes,
+int FN(tm_chain_step)(void *gemm, void *syevd, void *geqrf, void *orgqr, void *set_local_threads,
+                      const int64_t *team_spec, int64_t n_layers, const int64_t *sizes,
                       const int64_t *block_addrs, const int64_t *is_small, const REAL *inv, const REAL *sqrt_d,
                       const REAL *warm, const REAL *theta_in, const REAL *previous, int64_t m, int64_t k, int64_t degree,
                       double tol, int64_t max_iter, double zero_sigma2, double smallest, REAL *x_rows, REAL *mx_rows,
