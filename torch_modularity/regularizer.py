@@ -54,11 +54,12 @@ are reproduced by ``weight = 0.5 * cluster_lambda / num_cluster_eigs = 0.05 / 3 
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -267,12 +268,20 @@ def _team_address(single_thread: bool) -> Optional[int]:
     return team.data_ptr() if team is not None else None
 
 
+def _pointer_array(tensors: Sequence[torch.Tensor]) -> ctypes.Array:
+    """The tensors' data pointers as a ctypes int64 array: for pointers that change every call
+    (fresh outputs), where a memoized tensor (:func:`_addresses`) would not be reused."""
+    ptrs = [t.data_ptr() for t in tensors]
+    return (ctypes.c_int64 * len(ptrs))(*ptrs)
+
+
 def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Tensor, inv_all: torch.Tensor,
-                       sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False,
+                       sqrt_all: torch.Tensor, c: Union[torch.Tensor, float], single_thread: bool = False,
                        cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None,
                        work: Optional[_native.Workspace] = None):
     """``(kernel, arguments, gradients)`` of :func:`_native_chain_grads`, everything allocated (the
-    inputs may be filled later, before the call)."""
+    inputs may be filled later, before the call). ``c``: one cotangent per vector, or one value
+    for all (a plain ``loss = ... + reg()``: no tensor to build)."""
     dtype = x.dtype
     lib = _native.kernels()
     fn = lib.tm_chain_grad_f32 if dtype == torch.float32 else lib.tm_chain_grad_f64
@@ -280,18 +289,23 @@ def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Te
     sizes = [ws[0].shape[1]] + [w.shape[0] for w in ws]
     grads = [torch.empty(w.shape, dtype=dtype) for w in ws]
     w_addrs = _addresses(ws, cache)
-    g_addrs = _addresses(grads)
+    g_addrs = _pointer_array(grads)
     sizes_t = _int64s(sizes, cache)
-    c = c.to(dtype).contiguous()
+    if isinstance(c, torch.Tensor):
+        c = c.to(dtype).contiguous()
+        c_address = c.data_ptr()
+    else:
+        c = ((ctypes.c_float if dtype == torch.float32 else ctypes.c_double) * x.shape[0])(*([c] * x.shape[0]))
+        c_address = ctypes.addressof(c)
     args = (gemm, _native.mkl_set_num_threads_local() if single_thread else None, _team_address(single_thread),
             len(sizes), sizes_t.data_ptr(),
             w_addrs.data_ptr(), x.data_ptr(), mx.data_ptr(), inv_all.data_ptr(), sqrt_all.data_ptr(), x.shape[0],
-            c.data_ptr(), g_addrs.data_ptr(), work.address if work is not None else None)
+            c_address, ctypes.addressof(g_addrs), work.address if work is not None else None)
     return fn, args, (grads, (ws, w_addrs, g_addrs, sizes_t, c, x, mx, inv_all, sqrt_all, work))
 
 
 def _native_chain_grads(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Tensor, inv_all: torch.Tensor,
-                        sqrt_all: torch.Tensor, c: torch.Tensor, single_thread: bool = False,
+                        sqrt_all: torch.Tensor, c: Union[torch.Tensor, float], single_thread: bool = False,
                         cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None,
                         work: Optional[_native.Workspace] = None) -> List[torch.Tensor]:
     """Weight gradients of ``sum_i c_i x_i^T M(W) x_i`` (``_HFTrace.backward`` with ``M X`` known) by
@@ -354,6 +368,7 @@ class _ChainGram:
         # read together with the residuals: one host-device synchronisation per step.
         self._next_cut: Optional[Tuple[torch.Tensor, float]] = None
         self._addr_cache: Dict[Tuple[int, ...], torch.Tensor] = {}  # int64 tensors for step_native (_int64s)
+        self._block_rows: List[Tuple[torch.Tensor, torch.Tensor]] = []  # (EigResult.block, its rows), see _rows
 
     def _node_order(self, device) -> torch.Tensor:
         """Index of every node (in node order) in a row laid out as (small side, large side)."""
@@ -543,14 +558,14 @@ class _ChainGram:
         lib = _native.kernels()
         fns = _native.blas_lapack("s" if dtype == torch.float32 else "d")
         fn = lib.tm_chain_step_f32 if dtype == torch.float32 else lib.tm_chain_step_f64
-        zt = _contiguous_as(warm.block.T, dtype)
+        zt = self._rows(warm.block, dtype)
         m = zt.shape[0]
         theta = _contiguous_as(warm.ritz_values, dtype)
         if zt.shape[1] != self.n_small or theta.numel() < m or m < k:
             return None
         prev = None
         if previous is not None and previous.shape == warm.block.shape:
-            prev = _contiguous_as(previous.T, dtype)
+            prev = self._rows(previous, dtype)
         blocks = [b if b.is_contiguous() else b.contiguous() for b in blocks]
         sizes_t = _int64s(self.sizes, self._addr_cache)
         small_t = _int64s(self.small_flags, self._addr_cache)
@@ -587,7 +602,16 @@ class _ChainGram:
             num_isolated=num_isolated,
         )
         self._next_cut = (out["theta"], smallest)
+        self._block_rows = [(result.block, out["zt"])] + self._block_rows[:1]  # this block and the one before
         return result, out["x"], out["mx"], int(n_zero), (out["q"], q_sum)
+
+    def _rows(self, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``block.T`` contiguous in ``dtype``: for the blocks of the last two compiled steps, the
+        row array they are views of (no torch op)."""
+        for view, rows in self._block_rows:
+            if view is block and rows.dtype == dtype:
+                return rows
+        return _contiguous_as(block.T, dtype)
 
 
 class _HFState:
@@ -611,7 +635,7 @@ class _HFState:
         # ahead for the cotangent pre_c (on the worker thread, see SpectralRegularizer.overlap).
         self.native = False
         self.pre_grads: Optional[List[torch.Tensor]] = None
-        self.pre_c: Optional[torch.Tensor] = None
+        self.pre_c: Optional[float] = None
         self.addr_cache: Optional[Dict[Tuple[int, ...], torch.Tensor]] = None
         self.work: Optional[_native.Workspace] = None
         # The penalty is weight * (k - sum_i q_i); q: the quotients, given by the compiled step
@@ -675,8 +699,8 @@ class _HFTrace(torch.autograd.Function):
         k = st.x.shape[0]
         if st.native and st.mx is not None:
             # CPU only: reading the cotangent costs no synchronisation.
-            c = torch.full((k,), -st.weight * float(grad_out), dtype=st.x.dtype)  # d penalty / d q_i
-            if st.pre_grads is not None and torch.equal(c, st.pre_c):
+            c = -st.weight * float(grad_out)  # d penalty / d q_i, the same for every i
+            if st.pre_grads is not None and c == st.pre_c:
                 grads = st.pre_grads  # computed ahead for exactly this cotangent
             else:
                 grads = _native_chain_grads(weights, st.x, st.mx, st.inv, st.sqrt_d, c, cache=st.addr_cache,
@@ -1372,7 +1396,7 @@ class SpectralRegularizer:
                                                 plan[2], single_thread=True)
             if step is None:
                 return
-            c = torch.full((self.k,), -self.weight, dtype=cdtype)
+            c = -self.weight
             grads = _native_grads_call(ws, step[2]["x"], step[2]["mx"], inv_all, sqrt_all, c, single_thread=True,
                                        cache=self._addr_cache)
         if self._executor is None:
