@@ -133,7 +133,7 @@ def test_float32_model(planted_weights):
 def _native_step_available():
     from torch_modularity import _native
 
-    return _native.kernels() is not None and _native.blas_lapack("d") is not None
+    return _native.chain_routines(torch.float64) is not None
 
 
 def test_native_regularizer_step_is_available_on_linux_x86_64():

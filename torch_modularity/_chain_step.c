@@ -63,19 +63,34 @@ static const tm_team *tm_team_from(const int64_t *spec, tm_team *team) {
     return team;
 }
 
-/* In a team member: its part and the number of parts (the team actually started, which may be
- * smaller than asked); MKL on one thread inside (returns the setting to restore). */
-static int tm_team_enter(const tm_team *team, int *part, int *parts) {
-    *part = team->thread_num();
-    *parts = team->num_threads();
-    return team->set_local_threads != NULL ? team->set_local_threads(1) : 0;
-}
+/* A kernel's work split into parts: part `part` of `parts`. */
+typedef void (*tm_part_fn)(void *data, int part, int parts);
 
-static void tm_team_leave(const tm_team *team, int before) {
+typedef struct {
+    const tm_team *team;
+    tm_part_fn fn;
+    void *data;
+} tm_team_job;
+
+/* In a team member: its part of the number of parts (the team actually started, which may be smaller
+ * than asked), with MKL on one thread inside. */
+static void tm_team_member(void *p) {
+    const tm_team_job *job = (const tm_team_job *)p;
+    const tm_team *team = job->team;
+    int before = team->set_local_threads != NULL ? team->set_local_threads(1) : 0;
+    job->fn(job->data, team->thread_num(), team->num_threads());
     if (team->set_local_threads != NULL) team->set_local_threads(before);
 }
 
-static void tm_team_run(const tm_team *team, void (*fn)(void *), void *data) { team->parallel(fn, data, team->n, 0); }
+/* fn over all parts: split over the team, or as one part on this thread when there is none. */
+static void tm_team_split(const tm_team *team, tm_part_fn fn, void *data) {
+    if (team == NULL) {
+        fn(data, 0, 1);
+        return;
+    }
+    tm_team_job job = {team, fn, data};
+    team->parallel(tm_team_member, &job, team->n, 0);
+}
 
 /* [lo, hi) of part `part` of `parts` of n items, cut at multiples of `grain` (cache lines). */
 static void tm_part_range(int64_t n, int64_t grain, int part, int parts, int64_t *lo, int64_t *hi) {

@@ -45,33 +45,6 @@ static void FN(rm_gemm)(const FN(chain_ctx) *cx, char ta, char tb, int64_t r, in
     cx->gemm(&tb, &ta, &ic, &ir, &ip, &alpha, b, &ib, a, &ia, &beta, out, &io);
 }
 
-/* (A v)_j for the target layers on the side `to_small` of rows `rows` of the other side (already
- * scaled): out_j = below @ W_{j-1}^T + above @ W_j (regularizer._ChainGram._raw), for the units of part
- * `part` of `parts` of every target layer (each part reads only its rows of W_{j-1} and columns of W_j). */
-static void FN(raw_part)(const FN(chain_ctx) *cx, int64_t rows, const REAL *src, int64_t ld_src, int to_small,
-                         REAL *out, int64_t ld_out, int part, int parts) {
-    for (int64_t j = 0; j < cx->n_layers; j++) {
-        if ((cx->is_small[j] != 0) != (to_small != 0)) continue;
-        int64_t nj = cx->sizes[j], c0, c1;
-        tm_part_range(nj, 64 / (int64_t)sizeof(REAL), part, parts, &c0, &c1);
-        if (c1 <= c0) continue;
-        REAL *dst = out + cx->side_off[j] + c0;
-        int have = 0;
-        if (j >= 1) {
-            const REAL *below = src + cx->side_off[j - 1];
-            int64_t np = cx->sizes[j - 1];
-            FN(rm_gemm)(cx, 'N', 'T', rows, c1 - c0, np, (REAL)1, below, ld_src, cx->blocks[j - 1] + c0 * np, np,
-                        (REAL)0, dst, ld_out);
-            have = 1;
-        }
-        if (j + 1 < cx->n_layers) {
-            const REAL *above = src + cx->side_off[j + 1];
-            FN(rm_gemm)(cx, 'N', 'N', rows, c1 - c0, cx->sizes[j + 1], (REAL)1, above, ld_src, cx->blocks[j] + c0, nj,
-                        have ? (REAL)1 : (REAL)0, dst, ld_out);
-        }
-    }
-}
-
 typedef struct {
     const FN(chain_ctx) *cx;
     int64_t rows, ld_src, ld_out;
@@ -80,22 +53,39 @@ typedef struct {
     int to_small;
 } FN(raw_job);
 
-static void FN(raw_worker)(void *data) {
+/* (A v)_j for the target layers on the side `to_small` of rows `rows` of the other side (already
+ * scaled): out_j = below @ W_{j-1}^T + above @ W_j (regularizer._ChainGram._raw), for the units of part
+ * `part` of `parts` of every target layer (each part reads only its rows of W_{j-1} and columns of W_j). */
+static void FN(raw_part)(void *data, int part, int parts) {
     const FN(raw_job) *job = (const FN(raw_job) *)data;
-    int part, parts, before = tm_team_enter(job->cx->team, &part, &parts);
-    FN(raw_part)(job->cx, job->rows, job->src, job->ld_src, job->to_small, job->out, job->ld_out, part, parts);
-    tm_team_leave(job->cx->team, before);
+    const FN(chain_ctx) *cx = job->cx;
+    for (int64_t j = 0; j < cx->n_layers; j++) {
+        if ((cx->is_small[j] != 0) != (job->to_small != 0)) continue;
+        int64_t nj = cx->sizes[j], c0, c1;
+        tm_part_range(nj, 64 / (int64_t)sizeof(REAL), part, parts, &c0, &c1);
+        if (c1 <= c0) continue;
+        REAL *dst = job->out + cx->side_off[j] + c0;
+        int have = 0;
+        if (j >= 1) {
+            const REAL *below = job->src + cx->side_off[j - 1];
+            int64_t np = cx->sizes[j - 1];
+            FN(rm_gemm)(cx, 'N', 'T', job->rows, c1 - c0, np, (REAL)1, below, job->ld_src, cx->blocks[j - 1] + c0 * np,
+                        np, (REAL)0, dst, job->ld_out);
+            have = 1;
+        }
+        if (j + 1 < cx->n_layers) {
+            const REAL *above = job->src + cx->side_off[j + 1];
+            FN(rm_gemm)(cx, 'N', 'N', job->rows, c1 - c0, cx->sizes[j + 1], (REAL)1, above, job->ld_src,
+                        cx->blocks[j] + c0, nj, have ? (REAL)1 : (REAL)0, dst, job->ld_out);
+        }
+    }
 }
 
 /* raw_part over all units, split over the team if there is one. */
 static void FN(raw)(const FN(chain_ctx) *cx, int64_t rows, const REAL *src, int64_t ld_src, int to_small, REAL *out,
                     int64_t ld_out) {
-    if (cx->team == NULL) {
-        FN(raw_part)(cx, rows, src, ld_src, to_small, out, ld_out, 0, 1);
-        return;
-    }
     FN(raw_job) job = {cx, rows, ld_src, ld_out, src, out, to_small};
-    tm_team_run(cx->team, FN(raw_worker), &job);
+    tm_team_split(cx->team, FN(raw_part), &job);
 }
 
 TM_CHAIN_CLONES static void FN(scale_rows)(REAL *t, int64_t rows, int64_t n, const REAL *s) {
@@ -402,12 +392,12 @@ typedef struct {
     int64_t n_layers, n_nodes;
     const int64_t *sizes, *w_addrs, *buf_addrs;
     double *acc_rows, *acc_cols;
-    const tm_team *team;
 } FN(prep_job);
 
 /* Rows `part` of `parts` of every layer: |W| into its buffer, the row sums into acc_rows (each row its
  * own entry) and the column sums into this part's own array of acc_cols, in double. */
-TM_CHAIN_CLONES static void FN(prepare_part)(const FN(prep_job) *job, int part, int parts) {
+TM_CHAIN_CLONES static void FN(prepare_part)(void *data, int part, int parts) {
+    const FN(prep_job) *job = (const FN(prep_job) *)data;
     double *cols = job->acc_cols + (int64_t)part * job->n_nodes;
     int64_t off = 0;
     for (int64_t l = 0; l + 1 < job->n_layers; l++) {
@@ -440,13 +430,6 @@ TM_CHAIN_CLONES static void FN(prepare_part)(const FN(prep_job) *job, int part, 
     }
 }
 
-static void FN(prepare_worker)(void *data) {
-    const FN(prep_job) *job = (const FN(prep_job) *)data;
-    int part, parts, before = tm_team_enter(job->team, &part, &parts);
-    FN(prepare_part)(job, part, parts);
-    tm_team_leave(job->team, before);
-}
-
 /* |W| of every layer into its buffer and the node degrees, D^-1/2 and D^1/2 (SpectralRegularizer._prepare):
  * one pass over the weights instead of an abs and two sums per layer, split by rows over the team if there
  * is one (team_spec, see tm_team_from; the column sums of the parts are added in a fixed order). Degrees are
@@ -466,11 +449,8 @@ int FN(tm_chain_prepare)(int64_t n_layers, const int64_t *sizes, const int64_t *
     double *acc = (double *)tm_scratch(work_spec, n_acc * (int64_t)sizeof(double), &owned);
     if (acc == NULL) return -1;
     memset(acc, 0, (size_t)n_acc * sizeof(double));
-    FN(prep_job) job = {n_layers, n_nodes, sizes, w_addrs, buf_addrs, acc, acc + n_nodes, tp};
-    if (tp != NULL)
-        tm_team_run(tp, FN(prepare_worker), &job);
-    else
-        FN(prepare_part)(&job, 0, 1);
+    FN(prep_job) job = {n_layers, n_nodes, sizes, w_addrs, buf_addrs, acc, acc + n_nodes};
+    tm_team_split(tp, FN(prepare_part), &job);
     double total = 0.0, n_iso = 0.0;
     for (int64_t v = 0; v < n_nodes; v++) {
         double dv = acc[v];
@@ -510,7 +490,8 @@ typedef struct {
 
 /* Rows `part` of `parts` of every layer's gradient: (rows r0..r1 of) left[:, layer l+1]^T @ right[:, layer l],
  * times sign(W_l). */
-static void FN(grad_part)(const FN(grad_job) *job, int part, int parts) {
+static void FN(grad_part)(void *data, int part, int parts) {
+    const FN(grad_job) *job = (const FN(grad_job) *)data;
     int64_t off = 0;
     for (int64_t l = 0; l + 1 < job->n_layers; l++) {
         int64_t n_in = job->sizes[l], n_out = job->sizes[l + 1], r0, r1;
@@ -524,13 +505,6 @@ static void FN(grad_part)(const FN(grad_job) *job, int part, int parts) {
         }
         off += n_in;
     }
-}
-
-static void FN(grad_worker)(void *data) {
-    const FN(grad_job) *job = (const FN(grad_job) *)data;
-    int part, parts, before = tm_team_enter(job->cx->team, &part, &parts);
-    FN(grad_part)(job, part, parts);
-    tm_team_leave(job->cx->team, before);
 }
 
 /* The weight gradients of sum_i c_i x_i^T M(W) x_i for fixed vectors X (rows x_rows, (k, N)) with
@@ -579,10 +553,7 @@ int FN(tm_chain_grad)(void *gemm, void *set_local_threads, const int64_t *team_s
     tm_team team;
     cx.team = tm_team_from(team_spec, &team);
     FN(grad_job) job = {&cx, n_layers, n_nodes, rows, sizes, w_addrs, grad_addrs, left, right};
-    if (cx.team != NULL)
-        tm_team_run(cx.team, FN(grad_worker), &job);
-    else
-        FN(grad_part)(&job, 0, 1);
+    tm_team_split(cx.team, FN(grad_part), &job);
     if (set_local_threads != NULL) ((set_threads_fn)set_local_threads)(threads_before);
     tm_aligned_free(owned);
     return 0;

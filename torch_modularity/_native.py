@@ -110,6 +110,15 @@ def blas_lapack(prefix: str) -> Optional[Tuple[int, int, int, int]]:
         return None
 
 
+def chain_routines(dtype: torch.dtype) -> Optional[Tuple[int, int, int, int]]:
+    """The BLAS/LAPACK addresses (:func:`blas_lapack`) the compiled chain kernels of the regularizer
+    use for ``dtype``, or ``None`` where those kernels cannot run (not built, symbols not exported,
+    a dtype other than float32/float64)."""
+    if dtype not in (torch.float32, torch.float64) or kernels() is None:
+        return None
+    return blas_lapack("s" if dtype == torch.float32 else "d")
+
+
 @functools.lru_cache(maxsize=1)
 def _openmp_routines() -> Optional[Tuple[int, int, int]]:
     lib = _torch_cpu_library()

@@ -285,7 +285,7 @@ def _native_grads_call(ws: Sequence[torch.Tensor], x: torch.Tensor, mx: torch.Te
     dtype = x.dtype
     lib = _native.kernels()
     fn = lib.tm_chain_grad_f32 if dtype == torch.float32 else lib.tm_chain_grad_f64
-    gemm = _native.blas_lapack("s" if dtype == torch.float32 else "d")[0]
+    gemm = _native.chain_routines(dtype)[0]
     sizes = [ws[0].shape[1]] + [w.shape[0] for w in ws]
     grads = [torch.empty(w.shape, dtype=dtype) for w in ws]
     w_addrs = _addresses(ws, cache)
@@ -524,9 +524,7 @@ class _ChainGram:
         """Whether :meth:`step_native` can run: CPU float32/float64 blocks, the compiled step and
         the BLAS/LAPACK routines available, a block no wider than the small side."""
         a = blocks[0]
-        if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64):
-            return False
-        if _native.kernels() is None or _native.blas_lapack("s" if a.dtype == torch.float32 else "d") is None:
+        if a.device.type != "cpu" or _native.chain_routines(a.dtype) is None:
             return False
         return warm.block.dim() == 2 and warm.block.shape[1] <= self.n_small
 
@@ -556,7 +554,7 @@ class _ChainGram:
         before the call."""
         dtype = blocks[0].dtype
         lib = _native.kernels()
-        fns = _native.blas_lapack("s" if dtype == torch.float32 else "d")
+        fns = _native.chain_routines(dtype)
         fn = lib.tm_chain_step_f32 if dtype == torch.float32 else lib.tm_chain_step_f64
         zt = self._rows(warm.block, dtype)
         m = zt.shape[0]
@@ -1258,11 +1256,7 @@ class SpectralRegularizer:
                 self._check_finite()  # raises, naming the parameter
             return prepared[:4] + (int(n_isolated),)
         blocks = self._abs_blocks(ws, device, cdtype)
-        deg: List[Optional[torch.Tensor]] = [None] * len(self.layer_sizes)
-        for l, a in enumerate(blocks):
-            for layer, part in ((l + 1, a.sum(dim=1)), (l, a.sum(dim=0))):
-                deg[layer] = part if deg[layer] is None else deg[layer] + part
-        flat = torch.cat(deg)
+        flat = torch.cat(self._degrees(blocks))
         # One host-device synchronisation for both checks.
         total_degree, n_isolated = torch.stack([flat.sum(), (flat <= 0).sum().to(flat.dtype)]).tolist()
         if not math.isfinite(total_degree):
@@ -1273,11 +1267,9 @@ class SpectralRegularizer:
     def _native_chain_ok(self, ws: Sequence[torch.Tensor], cdtype: torch.dtype) -> bool:
         """Whether the compiled prepare/gradient kernels take these weights (CPU, contiguous, all
         of the compute dtype float32/float64, kernels and torch's BLAS found, backend not torch)."""
-        if self.backend == "torch" or cdtype not in (torch.float32, torch.float64):
+        if self.backend == "torch" or _native.chain_routines(cdtype) is None:
             return False
-        if not all(w.device.type == "cpu" and w.dtype == cdtype and w.is_contiguous() for w in ws):
-            return False
-        return _native.kernels() is not None and _native.blas_lapack("s" if cdtype == torch.float32 else "d") is not None
+        return all(w.device.type == "cpu" and w.dtype == cdtype and w.is_contiguous() for w in ws)
 
     def _native_prepare_start(self, ws: Sequence[torch.Tensor], cdtype: torch.dtype, single_thread: bool = False):
         """The buffers :meth:`_native_prepare_run` fills: ``(stats, (blocks, degrees, D^-1/2, D^1/2))``, the
