@@ -1,15 +1,27 @@
 """Smoke test of the main job: ``examples/demo.py --quick`` on the real MNIST files."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
+from torch_modularity.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "examples" / "demo.py"
 
 
-def test_demo_quick_run(tmp_path):
+def _readme_commands():
+    """The ``torch-modularity ...`` command lines the README prints, optional ``[...]`` parts dropped."""
+    found = re.findall(r"^`?(torch-modularity [^`\n]+)`?$", (ROOT / "README.md").read_text(), re.M)
+    return [re.sub(r"\s*\[[^\]]*\]", "", line).strip() for line in found]
+
+
+def test_demo_quick_run(tmp_path, capsys):
     assert DEMO.is_file(), DEMO
     out_dir = tmp_path / "out"
     env = {**os.environ, "TORCH_MODULARITY_QUICK": "1"}
@@ -26,3 +38,17 @@ def test_demo_quick_run(tmp_path):
         assert row in report, row
     for run in ("plain", "regularized"):  # one TensorBoard run per net, with event files
         assert list((out_dir / "tb" / run).glob("events.out.tfevents.*")), run
+
+    # The README's shell commands, on the checkpoints the demo wrote (runs/demo/ is its default --out).
+    commands = _readme_commands()
+    assert {c.split()[1] for c in commands} == {"measure", "prune-compare"}, commands
+    for line in commands:
+        argv = [a.replace("runs/demo/", f"{out_dir}/") for a in shlex.split(line)[1:]] + ["--json"]
+        assert Path(argv[1]).is_file(), f"the README's command names a file the demo does not write: {line}"
+        capsys.readouterr()
+        assert cli_main(argv) == 0, line
+        record = json.loads(capsys.readouterr().out)
+        if argv[0] == "measure":
+            assert record["n_shuffles"] == 50 and record["n_clusters"] == 12, line
+        else:
+            assert abs(record["achieved_sparsity"] - 0.9) < 0.01 and len(record["random_matched"]) == 10, line
