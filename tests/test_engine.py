@@ -350,3 +350,24 @@ def test_exclude_dead_needs_a_chain():
     assert clusterability(graph, n_clusters=2, n_shuffles=0).n_dead is None
     with pytest.raises(ValueError, match="chain"):
         clusterability(graph, n_clusters=2, n_shuffles=0, exclude_dead=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_solver_and_clustering_ignore_an_autocast_region(monkeypatch, dtype):
+    """A measurement made inside ``torch.autocast`` (e.g. from a mixed-precision training step)
+    gives the same embedding and labels as outside: the block solver's torch products stay in
+    their own dtype (without the guard the float32 products ran in bfloat16 and the result could not
+    be read back; autocast leaves float64 alone)."""
+    import torch_modularity.spectral as spectral
+
+    monkeypatch.setattr(spectral, "_BLOCK_SOLVER_MIN", 10)
+    gen = torch.Generator().manual_seed(3)
+    graph = WeightGraph.from_weights([torch.rand(40, 60, generator=gen), torch.rand(50, 40, generator=gen),
+                                      torch.rand(30, 50, generator=gen)])
+    plain = spectral_embedding(graph, 6, dtype=dtype)
+    labels = spectral_clustering(graph, n_clusters=6, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = spectral_embedding(graph, 6, dtype=dtype)
+        labels_inside = spectral_clustering(graph, n_clusters=6, seed=0)
+    np.testing.assert_array_equal(plain.eigenvectors, inside.eigenvectors)
+    np.testing.assert_array_equal(labels, labels_inside)

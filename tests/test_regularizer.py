@@ -998,3 +998,45 @@ def test_ddp_two_processes_match_single_process(tmp_path, overlap):
     for key, value in model.state_dict().items():
         assert torch.allclose(value, r0["state"][key], atol=1e-12, rtol=0), key
     np.testing.assert_allclose(pens, r0["penalties"], atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_autocast_region_changes_neither_penalty_nor_gradient(planted_weights, backend):
+    """Inside ``torch.autocast`` (a mixed-precision training step) the penalty is still computed in
+    the weights' dtype: the same value and gradient, bit for bit, as outside, also when the
+    backward runs inside the region (without the fix: a dtype error in the forward, then a
+    bf16-rounded gradient)."""
+    results = []
+    for autocast in (False, True):
+        net = _planted_mlp(planted_weights, [48, 32, 32, 10], k=3, seed=4).float()
+        reg = SpectralRegularizer(net, n_eigs=3, backend=backend)
+        for _ in range(3):  # a cold solve, then warm steps
+            net.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                value = reg()
+                value.backward()
+        assert value.dtype == torch.float32
+        results.append((value.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]))
+    (v0, g0), (v1, g1) = results
+    assert torch.equal(v0, v1)
+    assert len(g0) == len(g1) == 3 and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+def test_autocast_region_on_a_cnn_graph():
+    """The traced (CNN) path too: same penalty under autocast; the gradient is the same when the
+    backward runs outside the region, as torch recommends for any model."""
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                                 nn.Conv2d(8, 6, 3))
+    net = make()
+    results = []
+    for autocast in (False, True):
+        model = copy.deepcopy(net)
+        reg = SpectralRegularizer(model, n_eigs=3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = reg()
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (v0, g0), (v1, g1) = results
+    assert v1.dtype == torch.float32 and torch.equal(v0, v1)
+    assert len(g0) == len(g1) >= 2 and all(torch.equal(a, b) for a, b in zip(g0, g1))

@@ -46,6 +46,8 @@ Main entry point: :func:`chebyshev_eigs`. Example::
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -64,6 +66,36 @@ __all__ = [
 ]
 
 Block = Tuple[int, int, torch.Tensor]
+
+
+def autocast_off() -> contextlib.AbstractContextManager:
+    """A context with autocast switched off on the CPU and on torch's accelerator (if any),
+    where it is on.
+
+    Inside a mixed-precision region (``torch.autocast``) the solvers' products would otherwise
+    run in half precision: eigenvectors accurate to ~1e-2 instead of the tolerance, or dtypes
+    that no longer match. The solvers and the regularizer always compute in their tensors' own
+    dtype; outside autocast this costs one check per call.
+    """
+    if not torch._C._is_any_autocast_enabled():
+        return contextlib.nullcontext()
+    accelerator = torch.accelerator.current_accelerator()
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu",) + ((accelerator.type,) if accelerator is not None else ()):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def _full_precision(fn):
+    """``fn`` runs with autocast off (see :func:`autocast_off`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with autocast_off():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -469,6 +501,7 @@ def _chebyshev_filter(op, x: torch.Tensor, degree: int, lower: float, cut: float
     return y
 
 
+@_full_precision
 def subspace_eigs(
     op: Callable[[torch.Tensor], torch.Tensor],
     n: int,
@@ -720,6 +753,7 @@ class EigResult:
     work: int = 0
 
 
+@_full_precision
 def chebyshev_eigs(
     layer_sizes: Sequence[int],
     blocks: Sequence[Block],

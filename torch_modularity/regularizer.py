@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from . import _native
-from .eigen import EigResult, _safe_rsqrt, chebyshev_eigs, default_tol, layer_coloring
+from .eigen import EigResult, _safe_rsqrt, autocast_off, chebyshev_eigs, default_tol, layer_coloring
 from .graph import WeightGraph, unwrap_model as _unwrap
 from .trace import GraphRebuilder
 
@@ -691,6 +691,13 @@ class _HFTrace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch._C._is_any_autocast_enabled():  # a backward called inside an autocast region
+            with autocast_off():
+                return _HFTrace._backward(ctx, grad_out)
+        return _HFTrace._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         st = ctx.state
         weights = ctx.saved_tensors
         st.done = True
@@ -758,7 +765,9 @@ class SpectralRegularizer:
     conv channels with BatchNorm folded; residual and concatenation DAGs too); nodes that are
     isolated (all incident weights exactly zero, e.g. pruned) are left out. The penalty is a
     0-dim tensor on the model's device in the weights' dtype (float32 for half precisions), and
-    its gradient lands on each weight's own device and dtype. See the module docstring for the
+    its gradient lands on each weight's own device and dtype, also when it is called inside a
+    ``torch.autocast`` region (mixed precision is switched off for the penalty; on the chain path
+    its backward may run inside the region too). See the module docstring for the
     method (no autograd through any eigensolver; exact Hellmann-Feynman gradient).
 
     Two paths. A chain of ``nn.Linear`` layers uses a hand-written solver step and backward
@@ -1198,6 +1207,15 @@ class SpectralRegularizer:
     # ------------------------------------------------------------------ main
     def __call__(self) -> torch.Tensor:
         """The penalty ``weight * sum(lambda_2 .. lambda_{n_eigs+1})`` as a 0-dim tensor with gradient."""
+        if torch._C._is_any_autocast_enabled():
+            # Under autocast the solver's and the penalty's products would run in half precision
+            # (and mix dtypes with the written-out backward): the penalty is always computed in the
+            # weights' dtype, as documented, inside a mixed-precision forward too.
+            with autocast_off():
+                return self._evaluate()
+        return self._evaluate()
+
+    def _evaluate(self) -> torch.Tensor:
         if self._rebuild is not None:
             return self._graph_call()
         ws = self._weights()

@@ -254,6 +254,17 @@ def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dt
 
     import torch
 
+    from .eigen import autocast_off, subspace_eigs
+
+    with autocast_off():  # the products in op() too, not only subspace_eigs' own
+        return _top_eigh_block_full(gram, k, rng, dtype, device)
+
+
+def _top_eigh_block_full(gram, k, rng, dtype, device):
+    import warnings
+
+    import torch
+
     from .eigen import subspace_eigs
 
     with warnings.catch_warnings():
