@@ -125,3 +125,59 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _compiled_training_runs(attach, n_steps: int = 7):
+    """A small MLP trained ``n_steps`` SGD steps, eager and inside ``torch.compile`` (a counting
+    backend: graphs run as captured, no code generation), with and without what ``attach(model,
+    optimizer)`` adds (it returns ``(loss_term, finish)``: a callable added to the loss or
+    ``None``, and a callable run after training whose result is compared).
+
+    Returns ``{with_attach: frames compiled}`` after asserting that compiled and eager runs end
+    with the same weights and the same ``finish()`` result.
+    """
+    from torch import nn
+    from torch._dynamo.testing import CompileCounter
+
+    def run(with_attach: bool, compiled: bool):
+        gen = torch.Generator().manual_seed(0)
+        model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) / 4)
+        x, y = torch.randn(8, 24, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        term, finish = attach(model, opt) if with_attach else (None, None)
+
+        def step():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if term is not None:
+                loss = loss + term()
+            loss.backward()
+            opt.step()
+
+        counter = CompileCounter()
+        fn = torch.compile(step, backend=counter) if compiled else step
+        for _ in range(n_steps):
+            fn()
+        return model, (finish() if finish is not None else None), counter.frame_count
+
+    frames = {}
+    try:
+        for with_attach in (False, True):
+            torch._dynamo.reset()
+            model, result, frames[with_attach] = run(with_attach, compiled=True)
+            eager_model, eager_result, _ = run(with_attach, compiled=False)
+            for p, q in zip(model.parameters(), eager_model.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+            assert result == eager_result, (result, eager_result)
+    finally:
+        torch._dynamo.reset()
+    return frames
+
+
+@pytest.fixture
+def compiled_training_runs():
+    """Factory: ``compiled_training_runs(attach, n_steps=7) -> {with_attach: frames compiled}``."""
+    return _compiled_training_runs

@@ -411,3 +411,16 @@ def test_dead_units_and_live_ncut_are_logged():
     assert record["n_dead"] == 4 and record["n_isolated"] == 0
     live = clusterability(model, n_clusters=3, n_shuffles=0, seed=0, exclude_dead=True)
     assert record["live_ncut"] == pytest.approx(live.ncut, abs=1e-12)
+
+
+def test_monitor_hook_inside_a_compiled_training_step(compiled_training_runs):
+    """Attached to an optimizer whose step runs inside ``torch.compile``: the measurement runs
+    eagerly (untraced: tracing into it compiled ~100 frames) and logs what the eager run logs."""
+
+    def attach(model, opt):
+        monitor = ClusterabilityMonitor(model, every=2, n_clusters=3, n_shuffles=0, writer=None)
+        monitor.attach(opt)
+        return None, lambda: [(r["step"], r["ncut"]) for r in monitor.history]
+
+    frames = compiled_training_runs(attach)
+    assert frames[True] <= frames[False] + 2, frames

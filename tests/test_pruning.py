@@ -485,3 +485,15 @@ def test_compare_on_a_small_cnn_with_batchnorm():
     np.testing.assert_array_equal(again.baselines["random_trained"].ncuts, res.baselines["random_trained"].ncuts)
     for r in res.random_trained + res.random_matched:  # random nets keep the pruned net's weight count
         assert r.n_weights == res.pruned.n_weights
+
+
+def test_schedule_hook_inside_a_compiled_training_step(compiled_training_runs):
+    """A pruning schedule attached to an optimizer whose step runs inside ``torch.compile``:
+    it prunes eagerly (untraced) and leaves exactly the eager run's masks and weights."""
+
+    def attach(model, opt):
+        PolynomialSparsity(model, end_step=6, frequency=2).attach(opt)
+        return None, lambda: layer_sparsity(model)
+
+    frames = compiled_training_runs(attach)
+    assert frames[True] <= frames[False] + 2, frames

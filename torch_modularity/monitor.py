@@ -453,6 +453,7 @@ class ClusterabilityMonitor:
         self._handles.append(handle)
         return handle
 
+    @torch.compiler.disable  # called from a compiled training step: runs eagerly, untraced
     def step(self, global_step: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """Count a training step (or set the counter to ``global_step``) and measure if it is due.
 
@@ -488,6 +489,7 @@ class ClusterabilityMonitor:
             raise error
         return record
 
+    @torch.compiler.disable  # called from a compiled training step: runs eagerly, untraced
     def measure(self, step: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """Measure now, whatever the schedule, and log it at ``step`` (default: the counter).
 

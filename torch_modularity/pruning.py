@@ -415,6 +415,7 @@ class PolynomialSparsity:
         progress = (last - self.begin_step) / (self.end_step - self.begin_step)
         return self.final + (self.initial - self.final) * (1.0 - progress) ** self.power
 
+    @torch.compiler.disable  # called from a compiled training step: runs eagerly, untraced
     def step(self) -> float:
         """Prune the model if an update is due at the current step, then advance the counter.
 

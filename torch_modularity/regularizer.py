@@ -690,6 +690,7 @@ class _HFTrace(torch.autograd.Function):
         return 2.0 * q
 
     @staticmethod
+    @torch.compiler.disable  # run by the autograd engine inside a compiled step: eager, as the forward
     def backward(ctx, grad_out):
         if torch._C._is_any_autocast_enabled():  # a backward called inside an autocast region
             with autocast_off():
@@ -1205,6 +1206,9 @@ class SpectralRegularizer:
         return x.to(device=device, dtype=dtype).T.contiguous()
 
     # ------------------------------------------------------------------ main
+    # Inside a torch.compile'd training step the penalty runs eagerly (one graph break): its
+    # solver is compiled C and small host decisions, and tracing into it took minutes for nothing.
+    @torch.compiler.disable
     def __call__(self) -> torch.Tensor:
         """The penalty ``weight * sum(lambda_2 .. lambda_{n_eigs+1})`` as a 0-dim tensor with gradient."""
         if torch._C._is_any_autocast_enabled():
