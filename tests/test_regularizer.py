@@ -1053,3 +1053,27 @@ def test_inside_a_compiled_training_step_the_penalty_runs_eagerly(compiled_train
 
     frames = compiled_training_runs(attach)
     assert frames[True] <= frames[False] + 2, frames
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_train_with_the_compiled_step(dtype):
+    """Half-precision weights: |W| is rebuilt in float32 every step, so the compiled step's
+    memoized pointer arrays turn over. A step once passed the address of a memoized sizes array
+    that the memo had just dropped (use after free: a 3e16-byte allocation request by step 8).
+    Trained for 30 steps, the penalty stays equal to dense ``eigh`` of the float32 weights."""
+    torch.manual_seed(0)
+    model = _mlp([120, 96, 96, 10], seed=22, dtype=torch.float32).to(dtype)
+    reg = SpectralRegularizer(model, n_eigs=3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 120, generator=gen).to(dtype)
+    for _ in range(30):
+        opt.zero_grad()
+        penalty = reg()
+        (model(x).float().square().mean() + penalty).backward()
+        opt.step()
+    assert penalty.dtype == torch.float32 and reg.last_result.method == "gram"  # the compiled / lean step ran
+    weights = [lin.weight.detach().double() for lin in _linears(model)]
+    lap = _dense_laplacian_torch(weights)
+    expected = torch.linalg.eigvalsh(lap)[1:4]
+    torch.testing.assert_close(reg.eigenvalues().double(), expected.sort().values, rtol=1e-4, atol=1e-5)

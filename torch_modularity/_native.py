@@ -133,14 +133,14 @@ def _openmp_routines() -> Optional[Tuple[int, int, int]]:
         return None
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=None)  # never evicted: callers pass its address, not the tensor
 def openmp_team(threads: int) -> Optional[torch.Tensor]:
     """The kernels' description of a team of ``threads`` of torch's own OpenMP threads, or ``None``
     (one thread, or no GNU OpenMP in this torch build): an int64 tensor of the addresses of
     ``GOMP_parallel``, ``omp_get_thread_num``, ``omp_get_num_threads`` (from the libgomp torch
     loaded, so the kernels run on the very threads torch's own ops use) and
-    ``MKL_Set_Num_Threads_Local`` (0 if absent), and ``threads``. Memoized (pass its
-    ``data_ptr()``; the tensor lives as long as the cache)."""
+    ``MKL_Set_Num_Threads_Local`` (0 if absent), and ``threads``. Memoized for the process, one
+    per thread count (pass its ``data_ptr()``: the tensor is never freed)."""
     routines = _openmp_routines()
     if threads <= 1 or routines is None:
         return None

@@ -574,7 +574,9 @@ class _ChainGram:
                    zt=torch.empty(m, self.n_small, dtype=dtype), theta=torch.empty(m, dtype=dtype),
                    res=torch.empty(k, dtype=dtype), eig=torch.empty(k, dtype=dtype), q=torch.empty(k, dtype=dtype),
                    stats=torch.empty(5, dtype=torch.float64),  # read only after a successful call
-                   keep=(blocks, zt, theta, prev, addrs, inv_all, sqrt_all))  # alive until the call returns
+                   # Alive until the call returns: everything whose address the call gets. The memo
+                   # may drop sizes_t / small_t when it overflows (it did when |W| moved every step).
+                   keep=(blocks, zt, theta, prev, addrs, sizes_t, small_t, inv_all, sqrt_all))
         cached = self._next_cut
         smallest = cached[1] if cached is not None and cached[0] is warm.ritz_values else float(theta[m - 1])
         args = (*fns, _native.mkl_set_num_threads_local() if single_thread else None, _team_address(single_thread),
