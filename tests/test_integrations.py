@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_modularity import SpectralRegularizer
+
 K = 3
 
 
@@ -127,6 +129,43 @@ def test_lightning_trainer_produces_the_curve_and_resumes(tmp_path):
     fit(Lit(), cb2, 8, ckpt_path=ckpt)
     assert [h["step"] for h in cb2.history] == [2, 4, 6, 8]
     assert cb.monitor.closed and cb2.monitor.closed
+
+
+def test_lightning_bf16_mixed_precision_with_the_real_regularizer(tmp_path):
+    """``Trainer(precision="bf16-mixed")`` runs ``training_step`` inside ``torch.autocast``: the
+    documented one-liner with the library's regularizer trains there, and every step's penalty
+    (logged) equals the same regularizer's value on the same weights outside autocast."""
+    L = pytest.importorskip("lightning.pytorch", reason="lightning is not installed: pip install 'torch_modularity[lightning]'")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Lit(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _tiny_net()
+            self.reg = SpectralRegularizer(self.net, n_eigs=2)
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            assert torch.is_autocast_enabled("cpu")  # the region the penalty must not be changed by
+            penalty = self.reg()
+            check = SpectralRegularizer(self.net, n_eigs=2, backend="torch", tol=1e-7)
+            with torch.autocast("cpu", enabled=False):
+                self.seen.append((float(penalty.detach()), float(check().detach())))
+            return F.mse_loss(self.net(x).float(), y) + penalty
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    lit = Lit()
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(lit, DataLoader(TensorDataset(*_data()), batch_size=4))
+    assert lit.reg.steps == 5 and len(lit.seen) == 5
+    for penalty, fresh in lit.seen:
+        assert penalty == pytest.approx(fresh, rel=1e-5)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lit.net.parameters())
 
 
 # --------------------------------------------------------------------------- Hugging Face
