@@ -1105,8 +1105,7 @@ class SpectralRegularizer:
         """
         cache = self._abs_cache
         if (cache is None or self._penalty_pending()
-                or any(b.shape != w.shape or b.device != w.device or b.dtype != dtype or w.dtype != dtype
-                       for b, w in zip(cache, ws))):
+                or any(b.shape != w.shape or b.device != w.device or b.dtype != dtype for b, w in zip(cache, ws))):
             cache = ([w.to(device=device, dtype=dtype).abs() for w in ws] if fill
                      else [torch.empty(w.shape, device=device, dtype=dtype) for w in ws])
             self._abs_cache = cache
@@ -1117,7 +1116,10 @@ class SpectralRegularizer:
             return cache
         if fill:
             for buf, w in zip(cache, ws):
-                torch.abs(w, out=buf)
+                if w.dtype == dtype:
+                    torch.abs(w, out=buf)
+                else:  # half-precision weights: abs(out=) does not convert
+                    buf.copy_(w).abs_()
         return cache
 
     def _compute_dtype(self, ws: Sequence[torch.Tensor]) -> torch.dtype:
