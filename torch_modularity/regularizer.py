@@ -867,9 +867,9 @@ class SpectralRegularizer:
             +50 % with one torch thread and +81 % with two (the forward needs both cores),
             against +40-48 % without; it may pay where cores are idle, so measure on your
             machine (``bench_regularizer.py --overlap``). The worker runs its calls on one
-            thread, so with several torch threads a run with overlap matches a synchronous run on
-            one thread bit for bit, and one on several threads to rounding (~1e-7 in the weights
-            after a few steps). :meth:`remove` detaches the hook and stops the thread.
+            thread: with one torch thread a run with overlap is bit-identical to one without; with
+            several, the synchronous path splits the same work over torch's threads and the two
+            runs differ at the rounding level (~4e-7 in the weights after 12 Adam steps). :meth:`remove` detaches the hook and stops the thread.
         example_input, kernel_norm, fold_batchnorm, include_dense, include_input: the graph
             options of :meth:`WeightGraph.from_module` (defaults: the research code's graphs:
             conv channels only for a CNN, every unit for an MLP; ``l1`` kernel norms; BatchNorm
