@@ -68,22 +68,30 @@ __all__ = [
 Block = Tuple[int, int, torch.Tensor]
 
 
+def autocast_active() -> bool:
+    """Whether autocast is on for any device (a cheap check: one C call on torch >= 2.4)."""
+    check = getattr(torch._C, "_is_any_autocast_enabled", None)
+    return True if check is None else bool(check())
+
+
 def autocast_off() -> contextlib.AbstractContextManager:
-    """A context with autocast switched off on the CPU and on torch's accelerator (if any),
-    where it is on.
+    """A context with autocast switched off on the CPU and on torch's accelerator (if any).
 
     Inside a mixed-precision region (``torch.autocast``) the solvers' products would otherwise
     run in half precision: eigenvectors accurate to ~1e-2 instead of the tolerance, or dtypes
     that no longer match. The solvers and the regularizer always compute in their tensors' own
     dtype; outside autocast this costs one check per call.
     """
-    if not torch._C._is_any_autocast_enabled():
+    if not autocast_active():
         return contextlib.nullcontext()
-    accelerator = torch.accelerator.current_accelerator()
     stack = contextlib.ExitStack()
-    for device_type in ("cpu",) + ((accelerator.type,) if accelerator is not None else ()):
-        if torch.is_autocast_enabled(device_type):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    device = accelerator.current_accelerator() if accelerator is not None else None
+    if device is not None and device.type != "cpu":
+        stack.enter_context(torch.autocast(device.type, enabled=False))
+    elif accelerator is None and torch.cuda.is_available():  # older torch: its one autocast accelerator
+        stack.enter_context(torch.autocast("cuda", enabled=False))
     return stack
 
 

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from . import _native
-from .eigen import EigResult, _safe_rsqrt, autocast_off, chebyshev_eigs, default_tol, layer_coloring
+from .eigen import EigResult, _safe_rsqrt, autocast_active, autocast_off, chebyshev_eigs, default_tol, layer_coloring
 from .graph import WeightGraph, unwrap_model as _unwrap
 from .trace import GraphRebuilder
 
@@ -694,7 +694,7 @@ class _HFTrace(torch.autograd.Function):
     @staticmethod
     @torch.compiler.disable  # run by the autograd engine inside a compiled step: eager, as the forward
     def backward(ctx, grad_out):
-        if torch._C._is_any_autocast_enabled():  # a backward called inside an autocast region
+        if autocast_active():  # a backward called inside an autocast region
             with autocast_off():
                 return _HFTrace._backward(ctx, grad_out)
         return _HFTrace._backward(ctx, grad_out)
@@ -1217,7 +1217,7 @@ class SpectralRegularizer:
     @torch.compiler.disable
     def __call__(self) -> torch.Tensor:
         """The penalty ``weight * sum(lambda_2 .. lambda_{n_eigs+1})`` as a 0-dim tensor with gradient."""
-        if torch._C._is_any_autocast_enabled():
+        if autocast_active():
             # Under autocast the solver's and the penalty's products would run in half precision
             # (and mix dtypes with the written-out backward): the penalty is always computed in the
             # weights' dtype, as documented, inside a mixed-precision forward too.
