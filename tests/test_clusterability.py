@@ -261,3 +261,25 @@ def test_negative_shuffles_raise(small_graph):
 def test_non_integer_cluster_count_raises(small_graph):
     with pytest.raises((TypeError, ValueError), match="n_clusters"):
         clusterability(small_graph, n_clusters=2.5, n_shuffles=2, n_workers=1)
+
+
+@pytest.mark.parametrize("seed", [None, -1, 1.5, "0", True])
+def test_every_entry_point_refuses_a_seed_that_is_not_a_non_negative_int(seed):
+    """``seed=None`` used to draw fresh OS entropy in ``spectral_clustering`` (a result nobody can
+    reproduce) and fail with an unrelated message elsewhere; floats were truncated silently."""
+    from torch_modularity import ClusterabilityMonitor, SpectralRegularizer, spectral_clustering, spectral_embedding
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4))
+    graph = WeightGraph.from_weights([torch.rand(10, 12, generator=gen), torch.rand(4, 10, generator=gen)])
+    calls = [
+        lambda: clusterability(graph, n_clusters=3, n_shuffles=2, seed=seed),
+        lambda: spectral_clustering(graph, n_clusters=3, seed=seed),
+        lambda: spectral_embedding(graph, 3, seed=seed),
+        lambda: SpectralRegularizer(model, n_eigs=2, seed=seed),
+        lambda: ClusterabilityMonitor(model, n_clusters=3, seed=seed, writer=None),
+    ]
+    for call in calls:
+        with pytest.raises((TypeError, ValueError), match="seed must be a non-negative int"):
+            call()
+    assert clusterability(graph, n_clusters=3, n_shuffles=2, seed=np.int64(3)).seed == 3  # numpy ints are ints

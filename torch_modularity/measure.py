@@ -15,7 +15,7 @@ import torch
 from ._threads import limit_threads
 from .graph import GraphLike, WeightGraph, as_graph, expand_labels
 from .shuffle import check_shuffle_method, shuffle_weights
-from .spectral import _cluster_blocks, _uses_block_solver, resolve_device
+from .spectral import _cluster_blocks, _uses_block_solver, check_seed, resolve_device
 
 __all__ = ["ClusterabilityResult", "clusterability"]
 
@@ -278,6 +278,7 @@ def clusterability(
         raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
     if n_shuffles < 0:
         raise ValueError(f"n_shuffles must be >= 0, got {n_shuffles}")
+    seed = check_seed(seed)
     graph = as_graph(model_or_graph)
     dead = _dead_mask(graph, dead_threshold)
     measured, kept_live = graph, np.arange(graph.num_nodes)

@@ -58,6 +58,7 @@ from torch import nn
 
 from .graph import WeightGraph, unwrap_model as _unwrap
 from .measure import ClusterabilityResult, clusterability
+from .spectral import check_seed
 
 __all__ = [
     "ClusterabilityMonitor",
@@ -378,7 +379,7 @@ class ClusterabilityMonitor:
         self.every = int(every)
         self.n_clusters = int(n_clusters)
         self.n_shuffles = int(n_shuffles)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.figure_every = None if figure_every is None else int(figure_every)
         self.background = bool(background)
         self.regularizer = regularizer

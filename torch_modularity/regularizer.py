@@ -68,6 +68,7 @@ from torch import nn
 from . import _native
 from .eigen import EigResult, _safe_rsqrt, autocast_active, autocast_off, chebyshev_eigs, default_tol, layer_coloring
 from .graph import WeightGraph, unwrap_model as _unwrap
+from .spectral import check_seed
 from .trace import GraphRebuilder
 
 __all__ = [
@@ -987,7 +988,7 @@ class SpectralRegularizer:
         self.max_iter = int(max_iter)
         self.cold_iter = int(cold_iter)
         self.cold_degree = int(cold_degree)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.solver_dtype = solver_dtype
         self.backend = backend
         self.overlap = bool(overlap)

@@ -693,10 +693,23 @@ def ncut(graph: GraphLike, labels) -> float:
 
 
 # --------------------------------------------------------------------------- clustering
+def check_seed(seed) -> int:
+    """``seed`` as an int, or a clear error: every random choice derives from an explicit seed, so
+    ``None`` (fresh OS entropy: results that cannot be reproduced), floats, strings and negative
+    numbers are refused."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be a non-negative int (results derive from it and are reproducible), "
+                        f"got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed}")
+    return int(seed)
+
+
 def _rng(seed) -> np.random.Generator:
     if isinstance(seed, np.random.Generator):
         return seed
-    return np.random.default_rng(np.random.SeedSequence(seed) if not isinstance(seed, np.random.SeedSequence) else seed)
+    return np.random.default_rng(seed if isinstance(seed, np.random.SeedSequence)
+                                 else np.random.SeedSequence(check_seed(seed)))
 
 
 @dataclass
