@@ -870,7 +870,8 @@ class SpectralRegularizer:
             machine (``bench_regularizer.py --overlap``). The worker runs its calls on one
             thread: with one torch thread a run with overlap is bit-identical to one without; with
             several, the synchronous path splits the same work over torch's threads and the two
-            runs differ at the rounding level (~4e-7 in the weights after 12 Adam steps). :meth:`remove` detaches the hook and stops the thread.
+            runs differ at the rounding level (~4e-7 in the weights after 12 Adam steps).
+            :meth:`remove` detaches the hook and stops the thread.
         example_input, kernel_norm, fold_batchnorm, include_dense, include_input: the graph
             options of :meth:`WeightGraph.from_module` (defaults: the research code's graphs:
             conv channels only for a CNN, every unit for an MLP; ``l1`` kernel norms; BatchNorm

@@ -250,17 +250,14 @@ def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dt
     eigenvectors are not resolved, but the partition found from the block is as good as
     from converged vectors (benchmarks/bench_clusterability.py measures it).
     """
-    import warnings
-
-    import torch
-
-    from .eigen import autocast_off, subspace_eigs
+    from .eigen import autocast_off
 
     with autocast_off():  # the products in op() too, not only subspace_eigs' own
-        return _top_eigh_block_full(gram, k, rng, dtype, device)
+        return _top_eigh_block_in_precision(gram, k, rng, dtype, device)
 
 
-def _top_eigh_block_full(gram, k, rng, dtype, device):
+def _top_eigh_block_in_precision(gram, k: int, rng: np.random.Generator, dtype, device):
+    """:func:`_top_eigh_block`'s work, called with autocast off."""
     import warnings
 
     import torch
