@@ -127,7 +127,7 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-def _compiled_training_runs(attach, n_steps: int = 7):
+def _compiled_training_runs(attach, n_steps: int = 7, device: str = "cpu"):
     """A small MLP trained ``n_steps`` SGD steps, eager and inside ``torch.compile`` (a counting
     backend: graphs run as captured, no code generation), with and without what ``attach(model,
     optimizer)`` adds (it returns ``(loss_term, finish)``: a callable added to the loss or
@@ -145,7 +145,8 @@ def _compiled_training_runs(attach, n_steps: int = 7):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) / 4)
-        x, y = torch.randn(8, 24, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+        model.to(device)
+        x, y = torch.randn(8, 24, generator=gen).to(device), torch.randint(0, 4, (8,), generator=gen).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         term, finish = attach(model, opt) if with_attach else (None, None)
 
@@ -179,5 +180,5 @@ def _compiled_training_runs(attach, n_steps: int = 7):
 
 @pytest.fixture
 def compiled_training_runs():
-    """Factory: ``compiled_training_runs(attach, n_steps=7) -> {with_attach: frames compiled}``."""
+    """Factory: ``compiled_training_runs(attach, n_steps=7, device="cpu") -> {with_attach: frames compiled}``."""
     return _compiled_training_runs

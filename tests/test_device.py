@@ -169,3 +169,76 @@ def test_regularizer_on_a_cuda_cnn_matches_the_cpu():
             continue
         assert p_gpu.grad.device.type == "cuda", name
         torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, rtol=1e-7, atol=1e-10, msg=name)
+
+
+# The tests below take the device as a parameter: their CPU instance runs everywhere and proves
+# the test itself; the CUDA instance runs where a GPU is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+def _planted_chain(dtype=torch.float64):
+    weights, _ = _planted([40, 32, 32, 24, 10], k=3, seed=5)
+    layers = []
+    for i, w in enumerate(weights):
+        lin = nn.Linear(w.shape[1], w.shape[0], dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.to(dtype))
+            lin.bias.zero_()
+        layers += [lin, nn.ReLU()] if i < len(weights) - 1 else [lin]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_warm_started_chain_training_on_the_device_matches_the_cpu(device):
+    """Ten Adam steps of a regularized chain in float64 with the torch step (the path every GPU
+    user runs: warm starts, extrapolation, the host-side QR and eigh) on ``device``, against the
+    same training on the CPU: the same weights and eigenvalues to rounding."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 40, generator=gen, dtype=torch.float64)
+
+    def train(dev):
+        model = _planted_chain().to(dev)
+        reg = SpectralRegularizer(model, n_eigs=3, backend="torch")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(10):
+            opt.zero_grad()
+            (model(x.to(dev)).square().mean() + reg()).backward()
+            opt.step()
+        return [p.detach().cpu() for p in model.parameters()], reg.eigenvalues().cpu(), reg.last_result.method
+
+    ref_params, ref_eigs, _ = train("cpu")
+    params, eigs, method = train(device)
+    assert method == "gram"  # the warm chain step ran, not a full solve
+    torch.testing.assert_close(eigs, ref_eigs, rtol=1e-8, atol=1e-10)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalty_inside_autocast_on_the_device_equals_the_full_precision_one(device):
+    """A bf16 autocast training step on ``device``: the penalty computed inside the region equals
+    a fresh regularizer's value on the same weights outside it, step after step."""
+    model = _planted_chain(torch.float32).to(device)
+    reg = SpectralRegularizer(model, n_eigs=3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(1)).to(device)
+    for _ in range(4):
+        opt.zero_grad()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = model(x)
+            penalty = reg()
+        assert out.dtype == torch.bfloat16 and penalty.dtype == torch.float32
+        fresh = SpectralRegularizer(model, n_eigs=3, backend="torch", tol=1e-7)().item()
+        assert penalty.item() == pytest.approx(fresh, rel=1e-5)
+        (out.float().square().mean() + penalty).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalty_in_a_compiled_step_on_the_device(device, compiled_training_runs):
+    def attach(model, opt):
+        reg = SpectralRegularizer(model, n_eigs=3)
+        return reg, lambda: [round(v, 6) for v in reg.eigenvalues().tolist()]
+
+    frames = compiled_training_runs(attach, device=device)
+    assert frames[True] <= frames[False] + 2, frames
