@@ -182,3 +182,30 @@ def _compiled_training_runs(attach, n_steps: int = 7, device: str = "cpu"):
 def compiled_training_runs():
     """Factory: ``compiled_training_runs(attach, n_steps=7, device="cpu") -> {with_attach: frames compiled}``."""
     return _compiled_training_runs
+
+
+def _run_processes(fn, args=(), nprocs: int = 2, timeout: float = 180.0, start_method: str = "spawn") -> None:
+    """``torch.multiprocessing.start_processes(fn, args, nprocs)`` joined with a deadline: a hung
+    worker (gloo's process-group teardown can deadlock on the GIL, a torch bug) fails the test
+    instead of blocking the suite, and the workers are killed."""
+    import time
+
+    import torch.multiprocessing as tmp
+
+    context = tmp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method=start_method)
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{nprocs} worker processes did not finish within {timeout:.0f} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+
+
+@pytest.fixture
+def run_processes():
+    """Factory: ``run_processes(fn, args=(), nprocs=2, timeout=180, start_method="spawn")``."""
+    return _run_processes

@@ -375,30 +375,35 @@ def test_state_dict_round_trip_continues_the_curve(tmp_path):
 
 
 # --------------------------------------------------------------------------- DDP
+def _ddp_rank(rank, out_dir):
+    model = nn.parallel.DistributedDataParallel(_tiny_model())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    reg = StubRegularizer(model.module)
+    monitor = ClusterabilityMonitor(model, every=1, writer=os.path.join(out_dir, f"rank{rank}"), n_clusters=3,
+                                    regularizer=reg)
+    with monitor, monitor.attach(opt):
+        _train(model, opt, 3, seed=rank)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump({"history": len(monitor.history), "step": monitor.global_step, "reg_calls": reg.calls}, fh)
+
+
 def _ddp_worker(rank, world_size, init_file, out_dir):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = nn.parallel.DistributedDataParallel(_tiny_model())
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        reg = StubRegularizer(model.module)
-        monitor = ClusterabilityMonitor(model, every=1, writer=os.path.join(out_dir, f"rank{rank}"), n_clusters=3,
-                                        regularizer=reg)
-        with monitor, monitor.attach(opt):
-            _train(model, opt, 3, seed=rank)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump({"history": len(monitor.history), "step": monitor.global_step, "reg_calls": reg.calls}, fh)
+        # The DDP model (held by the monitor too) dies before the process group: dropped afterwards,
+        # the reducer's last reference destroys the group while holding the GIL, which deadlocked
+        # (gloo's worker thread needed the GIL to free a finished all-reduce).
+        _ddp_rank(rank, out_dir)
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_process_gloo_only_rank0_measures_and_writes(tmp_path):
-    import torch.multiprocessing as tmp
-
+def test_ddp_two_process_gloo_only_rank0_measures_and_writes(tmp_path, run_processes):
     _mp_context()  # let the forkserver preload torch_modularity before it starts
-    tmp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
-                        start_method="forkserver")
+    run_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="forkserver")
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0 == {"history": 3, "step": 3, "reg_calls": 0}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
 import warnings
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from torch_modularity.regularizer import DisconnectedGraphWarning, SpectralRegularizer, normalize_relu_
@@ -965,27 +965,34 @@ def _ddp_train(model, wrapped, x, y, steps, overlap=False):
     return penalties
 
 
+def _ddp_rank(rank, world, out_dir, overlap):
+    model = _ddp_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x, y = _ddp_data()
+    half = len(x) // world
+    pens = _ddp_train(model, ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half], DDP_STEPS,
+                      overlap)
+    torch.save({"state": model.state_dict(), "penalties": pens}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def _ddp_worker(rank, world, init_file, out_dir, overlap=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = _ddp_model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        x, y = _ddp_data()
-        half = len(x) // world
-        pens = _ddp_train(model, ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half], DDP_STEPS,
-                          overlap)
-        torch.save({"state": model.state_dict(), "penalties": pens}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # The DDP objects die in _ddp_rank, before the process group: dropped afterwards, the
+        # reducer's last reference destroys the group while holding the GIL, which can deadlock.
+        _ddp_rank(rank, world, out_dir, overlap)
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_ddp_two_processes_match_single_process(tmp_path, overlap):
+def test_ddp_two_processes_match_single_process(tmp_path, overlap, run_processes):
     """Weights identical on both ranks and equal to a single-process run (also with the solve
     started early on a worker thread in every rank, ``overlap=True``)."""
     init_file = tmp_path / "init"
-    mp.spawn(_ddp_worker, args=(2, str(init_file), str(tmp_path), overlap), nprocs=2, join=True)
+    run_processes(_ddp_worker, args=(2, str(init_file), str(tmp_path), overlap), nprocs=2)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for key in r0["state"]:
