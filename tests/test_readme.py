@@ -31,25 +31,17 @@ def _batches(n: int, seed: int):
     return [(torch.randn(32, 784, generator=gen), torch.randint(0, 10, (32,), generator=gen)) for _ in range(n)]
 
 
-class _Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+class _Residual(nn.Module):
+    """A ResNet in miniature: a conv stem, one conv-BN layer with an identity skip, a dense head."""
 
-    def forward(self, x):
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
-
-
-class _TinyResNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
-        self.block = _Block(8)
-        self.head = nn.Linear(8, 10)
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn, self.head = nn.BatchNorm2d(8), nn.Linear(8, 10)
 
     def forward(self, x):
-        return self.head(self.block(torch.relu(self.bn(self.stem(x)))).mean(dim=(2, 3)))
+        x = torch.relu(self.stem(x))
+        return self.head((torch.relu(self.bn(self.conv(x))) + x).mean(dim=(2, 3)))
 
 
 def _stand_ins(ns: dict, source: str) -> None:
@@ -63,7 +55,7 @@ def _stand_ins(ns: dict, source: str) -> None:
         ns.setdefault("criterion", nn.CrossEntropyLoss())
         ns.setdefault("opt", torch.optim.Adam(ns["model"].parameters(), lr=1e-3))
     if "resnet" in source:
-        ns.setdefault("resnet", _TinyResNet())
+        ns.setdefault("resnet", _Residual())
     if "cnn" in source:
         ns.setdefault("cnn", nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
                                            nn.Conv2d(6, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 2 * 2, 5)))
