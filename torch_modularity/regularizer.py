@@ -861,8 +861,10 @@ class SpectralRegularizer:
         overlap: start each step's compiled work (|W|, solve, gradients for the cotangent of a
             plain ``loss = ... + reg()``) on a worker thread from a forward pre-hook of the model,
             so that it runs next to the model's forward pass on an idle core; ``reg()`` waits for
-            it and adopts it only if the weights are the same tensors, unchanged since (else, and
-            for any other cotangent, it recomputes). CPU chains with the compiled backend only;
+            it and adopts it only if the weights are the same tensors, unchanged since (by their
+            version counters, which writes through ``.data`` do not bump: do not change weights
+            that way between the forward and ``reg()``); else, and for any other cotangent, it
+            recomputes. CPU chains with the compiled backend only;
             skipped for eval-mode or no-grad forwards, pruned (``weight_orig``) models, and when
             ``reg()`` is called before the forward. Off by default: on the 2-core box it gave
             +50 % with one torch thread and +81 % with two (the forward needs both cores),
