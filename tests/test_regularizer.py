@@ -1121,3 +1121,18 @@ def test_compiled_path_matches_torch_path_on_random_chains(threads):
             assert values[0] == pytest.approx(values[1], rel=tol, abs=tol), (sizes, n_eigs, dtype)
     finally:
         torch.set_num_threads(n)
+
+
+def test_importing_the_package_does_not_import_dynamo():
+    """``torch.compiler.disable`` at import time loaded dynamo and made ``import torch_modularity``
+    ~2 s slower in every process (CLI, spawned workers): the eager-under-compile wrappers make
+    their disabled copies only when dynamo traces them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; before = 'torch._dynamo' in sys.modules; import torch_modularity; "
+            "print(before, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = out.stdout.split()
+    assert after == before  # whatever torch itself imports, the package adds no dynamo

@@ -46,13 +46,13 @@ Main entry point: :func:`chebyshev_eigs`. Example::
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
+
+from ._torch_modes import full_precision
 
 __all__ = [
     "NormalizedAdjacency",
@@ -66,44 +66,6 @@ __all__ = [
 ]
 
 Block = Tuple[int, int, torch.Tensor]
-
-
-def autocast_active() -> bool:
-    """Whether autocast is on for any device (a cheap check: one C call on torch >= 2.4)."""
-    check = getattr(torch._C, "_is_any_autocast_enabled", None)
-    return True if check is None else bool(check())
-
-
-def autocast_off() -> contextlib.AbstractContextManager:
-    """A context with autocast switched off on the CPU and on torch's accelerator (if any).
-
-    Inside a mixed-precision region (``torch.autocast``) the solvers' products would otherwise
-    run in half precision: eigenvectors accurate to ~1e-2 instead of the tolerance, or dtypes
-    that no longer match. The solvers and the regularizer always compute in their tensors' own
-    dtype; outside autocast this costs one check per call.
-    """
-    if not autocast_active():
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast("cpu", enabled=False))
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    device = accelerator.current_accelerator() if accelerator is not None else None
-    if device is not None and device.type != "cpu":
-        stack.enter_context(torch.autocast(device.type, enabled=False))
-    elif accelerator is None and torch.cuda.is_available():  # older torch: its one autocast accelerator
-        stack.enter_context(torch.autocast("cuda", enabled=False))
-    return stack
-
-
-def _full_precision(fn):
-    """``fn`` runs with autocast off (see :func:`autocast_off`)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with autocast_off():
-            return fn(*args, **kwargs)
-
-    return wrapper
 
 
 def default_tol(dtype: torch.dtype) -> float:
@@ -509,7 +471,7 @@ def _chebyshev_filter(op, x: torch.Tensor, degree: int, lower: float, cut: float
     return y
 
 
-@_full_precision
+@full_precision
 def subspace_eigs(
     op: Callable[[torch.Tensor], torch.Tensor],
     n: int,
@@ -761,7 +723,7 @@ class EigResult:
     work: int = 0
 
 
-@_full_precision
+@full_precision
 def chebyshev_eigs(
     layer_sizes: Sequence[int],
     blocks: Sequence[Block],

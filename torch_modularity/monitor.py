@@ -56,6 +56,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
+from ._torch_modes import eager_under_compile
 from .graph import WeightGraph, unwrap_model as _unwrap
 from .measure import ClusterabilityResult, clusterability
 from .spectral import check_seed
@@ -454,7 +455,7 @@ class ClusterabilityMonitor:
         self._handles.append(handle)
         return handle
 
-    @torch.compiler.disable  # called from a compiled training step: runs eagerly, untraced
+    @eager_under_compile  # called from a compiled training step: runs eagerly, untraced
     def step(self, global_step: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """Count a training step (or set the counter to ``global_step``) and measure if it is due.
 
@@ -490,7 +491,7 @@ class ClusterabilityMonitor:
             raise error
         return record
 
-    @torch.compiler.disable  # called from a compiled training step: runs eagerly, untraced
+    @eager_under_compile  # called from a compiled training step: runs eagerly, untraced
     def measure(self, step: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """Measure now, whatever the schedule, and log it at ``step`` (default: the counter).
 

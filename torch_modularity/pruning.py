@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from ._torch_modes import eager_under_compile
 from .checkpoint import load_model_or_state_dict
 from .graph import WeightGraph
 from .measure import ClusterabilityResult, baseline_stats, clusterability
@@ -415,7 +416,7 @@ class PolynomialSparsity:
         progress = (last - self.begin_step) / (self.end_step - self.begin_step)
         return self.final + (self.initial - self.final) * (1.0 - progress) ** self.power
 
-    @torch.compiler.disable  # called from a compiled training step: runs eagerly, untraced
+    @eager_under_compile  # called from a compiled training step: runs eagerly, untraced
     def step(self) -> float:
         """Prune the model if an update is due at the current step, then advance the counter.
 

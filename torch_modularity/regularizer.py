@@ -66,7 +66,8 @@ import torch
 from torch import nn
 
 from . import _native
-from .eigen import EigResult, _safe_rsqrt, autocast_active, autocast_off, chebyshev_eigs, default_tol, layer_coloring
+from ._torch_modes import autocast_active, autocast_off, eager_under_compile
+from .eigen import EigResult, _safe_rsqrt, chebyshev_eigs, default_tol, layer_coloring
 from .graph import WeightGraph, unwrap_model as _unwrap
 from .spectral import check_seed
 from .trace import GraphRebuilder
@@ -693,7 +694,7 @@ class _HFTrace(torch.autograd.Function):
         return 2.0 * q
 
     @staticmethod
-    @torch.compiler.disable  # run by the autograd engine inside a compiled step: eager, as the forward
+    @eager_under_compile  # run by the autograd engine inside a compiled step: eager, as the forward
     def backward(ctx, grad_out):
         if autocast_active():  # a backward called inside an autocast region
             with autocast_off():
@@ -1218,7 +1219,7 @@ class SpectralRegularizer:
     # ------------------------------------------------------------------ main
     # Inside a torch.compile'd training step the penalty runs eagerly (one graph break): its
     # solver is compiled C and small host decisions, and tracing into it took minutes for nothing.
-    @torch.compiler.disable
+    @eager_under_compile
     def __call__(self) -> torch.Tensor:
         """The penalty ``weight * sum(lambda_2 .. lambda_{n_eigs+1})`` as a 0-dim tensor with gradient."""
         if autocast_active():

@@ -250,7 +250,7 @@ def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dt
     eigenvectors are not resolved, but the partition found from the block is as good as
     from converged vectors (benchmarks/bench_clusterability.py measures it).
     """
-    from .eigen import autocast_off
+    from ._torch_modes import autocast_off
 
     with autocast_off():  # the products in op() too, not only subspace_eigs' own
         return _top_eigh_block_in_precision(gram, k, rng, dtype, device)
