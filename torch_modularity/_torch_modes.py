@@ -62,10 +62,11 @@ def eager_under_compile(fn: _F) -> _F:
     and plain calls cost one flag check.
     """
     disabled = []
+    is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch >= 2.3
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if torch.compiler.is_compiling():
+        if is_compiling():
             if not disabled:
                 disabled.append(torch.compiler.disable(fn))
             return disabled[0](*args, **kwargs)
