@@ -43,10 +43,13 @@ def autocast_off() -> contextlib.AbstractContextManager:
 
 
 def full_precision(fn: _F) -> _F:
-    """``fn`` runs with autocast off (see :func:`autocast_off`)."""
+    """``fn`` runs with autocast off (see :func:`autocast_off`); outside autocast, one check (it
+    wraps the regularizer's training-step calls)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not autocast_active():
+            return fn(*args, **kwargs)
         with autocast_off():
             return fn(*args, **kwargs)
 

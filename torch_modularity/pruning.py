@@ -43,6 +43,7 @@ from ._torch_modes import eager_under_compile
 from .checkpoint import load_model_or_state_dict
 from .graph import WeightGraph
 from .measure import ClusterabilityResult, baseline_stats, clusterability
+from .spectral import check_seed
 
 __all__ = [
     "magnitude_prune",
@@ -509,7 +510,7 @@ def random_prune_like(
         The randomly pruned copy (with prune masks; :func:`finalize` makes them permanent).
     """
     _check_choice(values, "values", _VALUES)
-    seed = _check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     pairs = _match_layers(model, reference)
     for name, m, _ in pairs:
         if _is_masked(m):
@@ -619,7 +620,7 @@ def structured_prune(
     """
     ratio = _check_fraction(ratio, "ratio")
     _check_choice(importance, "importance", _IMPORTANCES)
-    seed = _check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     tp = _import_tp()
     net = _deepcopy(model)
     finalize(net)  # torch-pruning cannot assign to a prune-reparametrised ``weight``
@@ -1014,7 +1015,7 @@ def compare(
     """
     n_random = _check_int(n_random, "n_random", 1)
     n_shuffles = _check_int(n_shuffles, "n_shuffles", 0)
-    seed = _check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     if finetune is not None and not callable(finetune):
         raise TypeError(f"finetune must be a callable finetune(net), got {type(finetune).__name__}")
     masked = [name for name, m in _layers(model) if _is_masked(m)]

@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from . import _native
-from ._torch_modes import autocast_active, autocast_off, eager_under_compile
+from ._torch_modes import eager_under_compile, full_precision
 from .eigen import EigResult, _safe_rsqrt, chebyshev_eigs, default_tol, layer_coloring
 from .graph import WeightGraph, unwrap_model as _unwrap
 from .spectral import check_seed
@@ -363,6 +363,9 @@ class _ChainGram:
         self.large = [l for l in range(n_layers) if coloring[l] != small]
         self.bounds = self._offsets(self.small)  # column range of each small-side layer
         self.small_flags = [int(l in self.bounds) for l in range(n_layers)]
+        # The step's int64 inputs that never change (made once, not looked up in the memo per call).
+        self._sizes_t = torch.tensor(self.sizes, dtype=torch.int64)
+        self._small_t = torch.tensor(self.small_flags, dtype=torch.int64)
         self.large_bounds = self._offsets(self.large)
         self._orders: Dict[torch.device, torch.Tensor] = {}
         self.n_small = sum(sizes[l] for l in self.small)
@@ -567,8 +570,7 @@ class _ChainGram:
         if previous is not None and previous.shape == warm.block.shape:
             prev = self._rows(previous, dtype)
         blocks = [b if b.is_contiguous() else b.contiguous() for b in blocks]
-        sizes_t = _int64s(self.sizes, self._addr_cache)
-        small_t = _int64s(self.small_flags, self._addr_cache)
+        sizes_t, small_t = self._sizes_t, self._small_t
         addrs = _addresses(blocks, self._addr_cache)
         inv_all, sqrt_all = _contiguous_as(inv_all, dtype), _contiguous_as(sqrt_all, dtype)
         n = inv_all.numel()
@@ -576,8 +578,9 @@ class _ChainGram:
                    zt=torch.empty(m, self.n_small, dtype=dtype), theta=torch.empty(m, dtype=dtype),
                    res=torch.empty(k, dtype=dtype), eig=torch.empty(k, dtype=dtype), q=torch.empty(k, dtype=dtype),
                    stats=torch.empty(5, dtype=torch.float64),  # read only after a successful call
-                   # Alive until the call returns: everything whose address the call gets. The memo
-                   # may drop sizes_t / small_t when it overflows (it did when |W| moved every step).
+                   # Alive until the call returns: everything whose address the call gets (the memo of
+                   # pointer arrays may drop addrs when it overflows; with overlap the call may outlive
+                   # this object, when the regularizer is dropped mid-step).
                    keep=(blocks, zt, theta, prev, addrs, sizes_t, small_t, inv_all, sqrt_all))
         cached = self._next_cut
         smallest = cached[1] if cached is not None and cached[0] is warm.ritz_values else float(theta[m - 1])
@@ -695,14 +698,8 @@ class _HFTrace(torch.autograd.Function):
 
     @staticmethod
     @eager_under_compile  # run by the autograd engine inside a compiled step: eager, as the forward
+    @full_precision  # a backward called inside an autocast region
     def backward(ctx, grad_out):
-        if autocast_active():  # a backward called inside an autocast region
-            with autocast_off():
-                return _HFTrace._backward(ctx, grad_out)
-        return _HFTrace._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
         st = ctx.state
         weights = ctx.saved_tensors
         st.done = True
@@ -1219,18 +1216,12 @@ class SpectralRegularizer:
     # ------------------------------------------------------------------ main
     # Inside a torch.compile'd training step the penalty runs eagerly (one graph break): its
     # solver is compiled C and small host decisions, and tracing into it took minutes for nothing.
+    # Under autocast the solver's and the penalty's products would run in half precision (and mix
+    # dtypes with the written-out backward): the penalty is always computed in the weights' dtype.
     @eager_under_compile
+    @full_precision
     def __call__(self) -> torch.Tensor:
         """The penalty ``weight * sum(lambda_2 .. lambda_{n_eigs+1})`` as a 0-dim tensor with gradient."""
-        if autocast_active():
-            # Under autocast the solver's and the penalty's products would run in half precision
-            # (and mix dtypes with the written-out backward): the penalty is always computed in the
-            # weights' dtype, as documented, inside a mixed-precision forward too.
-            with autocast_off():
-                return self._evaluate()
-        return self._evaluate()
-
-    def _evaluate(self) -> torch.Tensor:
         if self._rebuild is not None:
             return self._graph_call()
         ws = self._weights()

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from ._threads import blas_threads, torch_threads
+from ._torch_modes import full_precision
 from .graph import GraphLike, WeightGraph, as_graph
 from . import _native
 from .refine import one_hot, refine_partition
@@ -239,6 +240,7 @@ def _torch_block(m):
     return torch.from_numpy(m)
 
 
+@full_precision  # the products in op() too, not only subspace_eigs' own
 def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dtype,
                     device=None) -> Tuple[np.ndarray, np.ndarray]:
     """Largest ``k`` eigenpairs of the Gram operator (spectrum in [0, 1]) by a block method.
@@ -250,14 +252,6 @@ def _top_eigh_block(gram: "_BipartiteGram", k: int, rng: np.random.Generator, dt
     eigenvectors are not resolved, but the partition found from the block is as good as
     from converged vectors (benchmarks/bench_clusterability.py measures it).
     """
-    from ._torch_modes import autocast_off
-
-    with autocast_off():  # the products in op() too, not only subspace_eigs' own
-        return _top_eigh_block_in_precision(gram, k, rng, dtype, device)
-
-
-def _top_eigh_block_in_precision(gram, k: int, rng: np.random.Generator, dtype, device):
-    """:func:`_top_eigh_block`'s work, called with autocast off."""
     import warnings
 
     import torch
